@@ -1,0 +1,227 @@
+"""Building shards: one shard per case, written volume by volume, resumable and deterministic.
+
+Each case is validated completely before anything is written for it; its shard is written
+under a temporary name and renamed when complete, then a small record of it is saved, so a
+re-run after a crash skips finished cases and redoes the rest. Output bytes depend only on
+the inputs and settings, never on the number of workers or nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from . import __version__
+from .discover import CaseSource, Rejection, assign_splits, discover, read_split_file
+from .errors import InvalidCase, ShardgenError
+from .format import ShardWriter, encode_sample
+from .manifest import assemble_manifest, manifest_name, write_json_atomic
+from .nifti import Case, load_case
+from .preprocess import Preprocessing, context_indices, preprocess_image, preprocess_label
+
+log = logging.getLogger(__name__)
+RECORDS = ".records"
+CHUNK = 32  # slices preprocessed at once: bounds memory, keeps arrays in cache
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which slices become training targets: every slice within ``margin_mm`` of the
+    liver, plus a seeded ``background_fraction`` of the others."""
+
+    margin_mm: float = 20.0
+    background_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.margin_mm < 0 or not 0 <= self.background_fraction <= 1:
+            raise ShardgenError("margin must be >= 0 and background fraction within [0, 1]")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    inputs: tuple[Path, ...]
+    out: Path
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    selection: Selection = field(default_factory=Selection)
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    split_file: Path | None = None
+    workers: int = 1
+    num_nodes: int = 1
+    node_rank: int = 0
+    zstd_level: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ShardgenError(f"--node-rank must be in [0, {self.num_nodes}), got {self.node_rank}")
+        if self.workers < 1:
+            raise ShardgenError(f"--workers must be >= 1, got {self.workers}")
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that shapes the shard bytes (resume refuses to mix settings)."""
+        return {"preprocessing": self.preprocessing.to_dict(),
+                "selection": {"margin_mm": self.selection.margin_mm,
+                              "background_fraction": self.selection.background_fraction,
+                              "seed": self.seed},
+                "zstd_level": self.zstd_level, "format_version": 1}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest_path: Path
+    manifest: dict[str, Any]
+    rejected: list[Rejection]
+
+
+def select_slices(label: np.ndarray, z_spacing: float, selection: Selection, seed: int,
+                  case: str) -> np.ndarray:
+    """Target slice indices (sorted) of a canonical label volume (z, row, col)."""
+    depth = label.shape[0]
+    has_liver = label.reshape(depth, -1).max(axis=1) >= 1
+    chosen = np.zeros(depth, bool)
+    if has_liver.any():
+        zs = np.flatnonzero(has_liver)
+        margin = int(np.ceil(selection.margin_mm / z_spacing))
+        chosen[max(zs[0] - margin, 0):zs[-1] + margin + 1] = True
+    rest = np.flatnonzero(~chosen)
+    rng = np.random.default_rng([seed, zlib.crc32(case.encode())])
+    n_rest = int(round(selection.background_fraction * len(rest)))
+    chosen[rng.choice(rest, size=n_rest, replace=False)] = True
+    return np.flatnonzero(chosen)
+
+
+def with_context(targets: np.ndarray, depth: int, context: int) -> np.ndarray:
+    """The slices to write: targets plus the neighbours their stacks need."""
+    needed = {z for t in targets for z in context_indices(int(t), depth, context)}
+    return np.array(sorted(needed), dtype=np.int64)
+
+
+def write_case_shard(case: Case, case_id: str, path: Path, config: BuildConfig) -> dict[str, Any]:
+    """Preprocess and write one validated case; returns its record (counts, bytes, sha256)."""
+    settings = config.preprocessing
+    targets = select_slices(case.label, case.spacing[0], config.selection, config.seed, case_id)
+    written = with_context(targets, case.shape[0], settings.context)
+    target_set = set(targets.tolist())
+    compressor = zstandard.ZstdCompressor(level=config.zstd_level)
+    pixels = np.zeros(3, np.int64)
+    liver_slices = tumour_slices = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with ShardWriter(tmp) as writer:
+        for zs in np.array_split(written, max(1, -(-len(written) // CHUNK))):
+            images = preprocess_image(case.image[zs], settings)
+            labels = preprocess_label(case.label[zs], settings)
+            for z, image, mask in zip(zs.tolist(), images, labels):
+                target = z in target_set
+                writer.write(encode_sample(case_id, z, case.shape[0], target, image, mask, compressor))
+                if target:
+                    counts = np.bincount(mask.ravel(), minlength=3)
+                    pixels += counts
+                    liver_slices += int(counts[1] + counts[2] > 0)
+                    tumour_slices += int(counts[2] > 0)
+    os.replace(tmp, path)
+    return {"case": case_id, "shard": path.name, "samples": writer.samples,
+            "targets": len(targets), "bytes": writer.bytes, "sha256": writer.sha256,
+            "liver_slices": liver_slices, "tumour_slices": tumour_slices,
+            "pixels": pixels.tolist(), "depth": case.shape[0],
+            "spacing_mm": list(case.spacing), "input_shape": list(case.shape)}
+
+
+def shard_path(out: Path, split: str, case_id: str) -> Path:
+    return out / f"{split}-{case_id}.tar"
+
+
+def record_path(out: Path, case_id: str) -> Path:
+    return out / RECORDS / f"{case_id}.json"
+
+
+def finished_record(out: Path, source: CaseSource, split: str, settings: dict) -> dict | None:
+    """The saved record of a case whose shard is complete with these settings, else None."""
+    try:
+        saved = json.loads(record_path(out, source.case).read_text())
+    except (OSError, ValueError):
+        return None
+    shard = shard_path(out, split, source.case)
+    if saved.get("settings") != settings or saved["record"]["shard"] != shard.name:
+        return None
+    if not shard.is_file() or shard.stat().st_size != saved["record"]["bytes"]:
+        return None
+    return saved["record"]
+
+
+def process_case(source: CaseSource, split: str, config: BuildConfig) -> dict[str, Any]:
+    """Worker entry: reuse a finished shard, or validate and write it. Returns
+    ``{"record": ...}`` or ``{"rejection": ...}``; only bugs raise."""
+    settings = config.settings()
+    record = finished_record(config.out, source, split, settings)
+    if record is not None:
+        return {"record": record, "reused": True}
+    try:
+        case = load_case(source.image, source.label)
+    except InvalidCase as exc:
+        return {"rejection": Rejection(source.case, exc.path, exc.reason)}
+    record = write_case_shard(case, source.case, shard_path(config.out, split, source.case), config)
+    record.update(split=split, image=str(source.image), label=str(source.label))
+    write_json_atomic(record_path(config.out, source.case), {"settings": settings, "record": record})
+    return {"record": record, "reused": False}
+
+
+def run_cases(jobs: list[tuple[CaseSource, str]], config: BuildConfig) -> Iterator[dict[str, Any]]:
+    if config.workers == 1 or len(jobs) <= 1:
+        for source, split in jobs:
+            yield process_case(source, split, config)
+        return
+    with ProcessPoolExecutor(max_workers=config.workers) as pool:
+        futures = [pool.submit(process_case, source, split, config) for source, split in jobs]
+        for future in futures:
+            yield future.result()
+
+
+def plan(config: BuildConfig) -> tuple[list[tuple[CaseSource, str]], list[Rejection], dict[str, str]]:
+    """Discover, split over all cases (identically on every node), keep this node's share."""
+    sources, rejected = discover(config.inputs)
+    if not sources:
+        raise ShardgenError("no cases found under " + ", ".join(map(str, config.inputs))
+                            + " (expected volume-N.nii[.gz] files or an MSD dataset.json)")
+    ids = [s.case for s in sources]
+    splits = (read_split_file(config.split_file, ids) if config.split_file
+              else assign_splits(ids, config.fractions, config.seed))
+    mine = [(s, splits[s.case]) for i, s in enumerate(sources)
+            if i % config.num_nodes == config.node_rank]
+    return mine, rejected, splits
+
+
+def build_shards(config: BuildConfig, on_case: Callable[[dict[str, Any]], None] | None = None,
+                 on_plan: Callable[[int], None] | None = None) -> BuildResult:
+    """Build (or finish building) this node's shards and write its manifest.
+
+    ``on_plan(n)`` is told the number of cases first, ``on_case(result)`` after each.
+    """
+    jobs, rejected, splits = plan(config)
+    if on_plan:
+        on_plan(len(jobs))
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / RECORDS).mkdir(exist_ok=True)
+    records = []
+    for result in run_cases(jobs, config):
+        if "rejection" in result:
+            rejected.append(result["rejection"])
+            log.info("rejected %s: %s", result["rejection"].file, result["rejection"].reason)
+        else:
+            records.append(result["record"])
+        if on_case:
+            on_case(result)
+    manifest = assemble_manifest(records, rejected, splits, config.settings(), __version__,
+                                 nodes=(config.node_rank, config.num_nodes))
+    path = config.out / manifest_name(config.node_rank, config.num_nodes)
+    write_json_atomic(path, manifest)
+    return BuildResult(path, manifest, rejected)

@@ -1,0 +1,175 @@
+"""``liverseg-shards``: thin click commands; each parses flags, builds a config, calls one function."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from .build import BuildConfig, Selection, build_shards
+from .errors import ShardgenError
+from .preprocess import Preprocessing
+
+
+def number_pair(kind: type):
+    """A click callback parsing "A,B" into a tuple of two ``kind``."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            parts = tuple(kind(v) for v in value.split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 2:
+            raise click.BadParameter(f"expected two numbers as A,B, got {value!r}")
+        return parts
+
+    return parse
+
+
+def parse_fractions(ctx: click.Context, param: click.Parameter, value: str):
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise click.BadParameter(f"expected TRAIN,VAL,TEST fractions, got {value!r}")
+    return parts
+
+
+def friendly_errors(command):
+    """Our own errors become one line (``Error: ...``, exit 1), never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ShardgenError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log diagnostics to stderr.")
+def main(verbose: bool) -> None:
+    """Turn CT volumes into WebDataset shards for liverseg.
+
+    \b
+    Typical use:
+      liverseg-shards phantom --out phantoms --cases 20 --size 256
+      liverseg-shards build --input phantoms --out shards --size 256
+      liverseg-shards inspect shards
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the NIfTI files.")
+@click.option("--cases", type=click.IntRange(min=1), default=10, show_default=True, help="Number of cases.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Case i depends only on (seed, i).")
+@click.option("--size", type=click.IntRange(min=16), default=512, show_default=True, help="In-plane matrix size.")
+@click.option("--slices", callback=number_pair(int), default="80,200", show_default=True,
+              help="MIN,MAX slices per case.")
+@friendly_errors
+def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int]) -> None:
+    """Write synthetic portal-venous abdominal CT cases in LiTS layout
+    (volume-i.nii.gz, segmentation-i.nii.gz) — see docs/PHANTOMS.md."""
+    from .phantom import write_phantoms
+
+    if not 1 <= slices[0] <= slices[1]:
+        raise ShardgenError(f"--slices must be MIN,MAX with 1 <= MIN <= MAX, got {slices}")
+    with tqdm(total=cases, desc="phantoms", unit="case") as bar:
+        write_phantoms(out, cases, seed=seed, size=size, slices=slices, on_case=lambda i: bar.update())
+    click.echo(f"wrote {cases} cases to {out}")
+
+
+@main.command()
+@click.option("--input", "inputs", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="Folder with LiTS (volume-N / segmentation-N) or MSD Task03 files; repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for shards + manifest.json.")
+@click.option("--size", type=click.IntRange(min=8), default=512, show_default=True, help="Output slice size (pixels).")
+@click.option("--window", callback=number_pair(float), default="-100,400", show_default=True,
+              help="HU window LOW,HIGH.")
+@click.option("--context", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Neighbouring slices on each side stacked as channels (2k+1 channels).")
+@click.option("--margin-mm", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Keep slices within this distance of the liver.")
+@click.option("--background-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Fraction of the other slices kept (seeded).")
+@click.option("--split-fractions", callback=parse_fractions, default="0.8,0.1,0.1", show_default=True,
+              help="TRAIN,VAL,TEST fractions of cases.")
+@click.option("--split", "split_file", type=click.Path(path_type=Path), default=None,
+              help='JSON split file: {"train": [ids], "val": [...], "test": [...]}.')
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the slice choice.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
+@click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Machines sharing the work (cases are partitioned).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This machine's index.")
+@click.option("--skip-bad", is_flag=True, help="Exit 0 even if some cases were rejected.")
+@friendly_errors
+def build(inputs, out, size, window, context, margin_mm, background_fraction, split_fractions,
+          split_file, seed, workers, num_nodes, node_rank, skip_bad) -> None:
+    """Validate, preprocess and write cases as WebDataset shards (one per case) with a manifest.
+
+    Re-running resumes: finished shards are kept, the rest are (re)written. Bad cases are
+    skipped with a one-line reason and listed in the manifest under "rejected".
+    """
+    config = BuildConfig(
+        inputs=tuple(inputs), out=out,
+        preprocessing=Preprocessing(window=window, size=size, context=context),
+        selection=Selection(margin_mm=margin_mm, background_fraction=background_fraction),
+        fractions=split_fractions, seed=seed, split_file=split_file, workers=workers,
+        num_nodes=num_nodes, node_rank=node_rank)
+    with tqdm(desc="cases", unit="case") as bar:
+        result = build_shards(config, on_case=lambda r: report_case(r, bar),
+                              on_plan=lambda n: setattr(bar, "total", n) or bar.refresh())
+    totals = result.manifest["totals"]
+    click.echo(f"wrote {result.manifest_path} — " + ", ".join(
+        f"{s}: {t['cases']} cases / {t['targets']} slices" for s, t in totals.items()))
+    if result.rejected and not skip_bad:
+        raise click.ClickException(f"{len(result.rejected)} case(s) rejected (listed in "
+                                   f"{result.manifest_path.name}); pass --skip-bad to accept that")
+
+
+def report_case(result: dict, bar: tqdm) -> None:
+    if "rejection" in result:
+        r = result["rejection"]
+        bar.write(f"rejected {r.file}: {r.reason}")
+    bar.update()
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Path of the merged manifest (e.g. SHARDS/manifest.json).")
+@friendly_errors
+def merge(parts: tuple[Path, ...], out: Path) -> None:
+    """Join the per-node manifests of a --num-nodes build into one manifest."""
+    from .manifest import merge_manifests
+
+    merged = merge_manifests(list(parts), out)
+    click.echo(f"wrote {out}: {len(merged['shards'])} shards, {len(merged['rejected'])} rejected")
+
+
+@main.command("inspect")
+@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.option("--png", type=click.Path(path_type=Path), default=None,
+              help="Where to save the sample grid [default: SHARDS/inspect.png].")
+@click.option("--count", type=click.IntRange(min=0), default=16, show_default=True, help="Samples in the grid.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def inspect_command(shards: Path, png: Path | None, count: int, seed: int) -> None:
+    """Counts per split, class balance, and a PNG grid of random slices with masks overlaid."""
+    from .inspect import inspect_shards
+
+    folder = shards if shards.is_dir() else shards.parent
+    lines, written = inspect_shards(shards, png or folder / "inspect.png", count, seed)
+    click.echo("\n".join(lines))
+    if written:
+        click.echo(f"sample grid: {written}")

@@ -1,0 +1,136 @@
+"""Finding cases on disk (LiTS and MSD Task03 layouts) and assigning them to splits by case."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ShardgenError
+
+SPLITS = ("train", "val", "test")
+LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
+LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
+NIFTI = re.compile(r"^(?!\._)(.+)\.nii(\.gz)?$")  # "._x" files are macOS resource forks
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    case: str
+    image: Path
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    case: str
+    file: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"case": self.case, "file": self.file, "reason": self.reason}
+
+
+def discover(inputs: Iterable[str | Path]) -> tuple[list[CaseSource], list[Rejection]]:
+    """All cases under ``inputs``, sorted by case id; duplicates and unpaired files rejected."""
+    found: list[CaseSource] = []
+    for root in map(Path, inputs):
+        if not root.is_dir():
+            raise ShardgenError(f"{root}: input folder not found")
+        msd_roots = [p.parent for p in root.rglob("dataset.json") if (p.parent / "imagesTr").is_dir()]
+        for msd in msd_roots:
+            found.extend(discover_msd(msd))
+        found.extend(discover_lits(root, exclude=msd_roots))
+    return deduplicate(found)
+
+
+def discover_lits(root: Path, exclude: list[Path] = ()) -> list[CaseSource]:  # type: ignore[assignment]
+    volumes: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.nii*")):
+        if any(path.is_relative_to(e) for e in exclude):
+            continue
+        if m := LITS_VOLUME.match(path.name):
+            volumes.setdefault(m.group(1), path)
+        elif m := LITS_LABEL.match(path.name):
+            labels.setdefault(m.group(1), path)
+    return [CaseSource(f"volume-{n}", volumes[n], labels.get(n))
+            for n in sorted(volumes, key=int)]
+
+
+def discover_msd(root: Path) -> list[CaseSource]:
+    """MSD layout: dataset.json's ``training`` list, else imagesTr/labelsTr paired by name."""
+    try:
+        entries = json.loads((root / "dataset.json").read_text()).get("training", [])
+        pairs = [(root / e["image"], root / e["label"]) for e in entries]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ShardgenError(f"{root / 'dataset.json'}: unreadable MSD dataset.json ({exc})") from None
+    if not pairs:
+        pairs = [(p, root / "labelsTr" / p.name) for p in sorted((root / "imagesTr").iterdir())
+                 if NIFTI.match(p.name)]
+    return [CaseSource(case_id(image), image, label if label.exists() else None)
+            for image, label in pairs]
+
+
+def case_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".nii"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def deduplicate(found: list[CaseSource]) -> tuple[list[CaseSource], list[Rejection]]:
+    cases: dict[str, CaseSource] = {}
+    rejected = []
+    for source in found:
+        if source.case in cases:
+            rejected.append(Rejection(source.case, str(source.image),
+                                      f"duplicate case id (also {cases[source.case].image})"))
+        else:
+            cases[source.case] = source
+    return [cases[c] for c in sorted(cases, key=natural_key)], rejected
+
+
+def natural_key(text: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def assign_splits(cases: list[str], fractions: tuple[float, float, float], seed: int
+                  ) -> dict[str, str]:
+    """Case → split, by a seeded permutation of the sorted ids (never by slice).
+
+    Validation and test get ``round(n * fraction)`` cases, at least one each when their
+    fraction is positive and there are enough cases; training gets the rest.
+    """
+    if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise ShardgenError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    order = sorted(cases, key=natural_key)
+    order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    n = len(order)
+    counts = [round(n * f) if f == 0 or n < 3 else max(1, round(n * f)) for f in fractions[1:]]
+    n_val, n_test = counts
+    splits = {c: "val" for c in order[:n_val]}
+    splits.update({c: "test" for c in order[n_val:n_val + n_test]})
+    splits.update({c: "train" for c in order[n_val + n_test:]})
+    return splits
+
+
+def read_split_file(path: Path, cases: list[str]) -> dict[str, str]:
+    """A JSON split file: ``{"train": [ids], "val": [...], "test": [...]}`` or ``{id: split}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardgenError(f"{path}: unreadable split file ({exc})") from None
+    if isinstance(data, dict) and set(data) <= set(SPLITS) and all(isinstance(v, list) for v in data.values()):
+        data = {case: split for split, ids in data.items() for case in ids}
+    if not isinstance(data, dict) or not set(data.values()) <= set(SPLITS):
+        raise ShardgenError(f"{path}: split file must map case ids to one of {SPLITS}")
+    missing = [c for c in cases if c not in data]
+    if missing:
+        raise ShardgenError(f"{path}: split file does not assign {len(missing)} case(s): "
+                            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    return {c: data[c] for c in cases}

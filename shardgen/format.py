@@ -1,0 +1,195 @@
+"""The shard format (docs/FORMAT.md): one sample per preprocessed axial slice.
+
+A shard is a plain tar in WebDataset's layout (``<key>.<field>`` members, a sample's
+members adjacent). Fields: ``image.zst`` and ``mask.zst`` (raw uint8 size×size,
+zstd-compressed) and ``meta.json``. Slices of a case are written in increasing z, so a
+reader builds the 2.5D stacks from neighbours it has just read instead of every sample
+carrying copies of them. No pickled data anywhere.
+
+webdataset is not imported here: importing it imports torch, and shardgen runs on
+machines without torch. Tars are written with the standard library in the layout
+WebDataset reads; the tests read them back through webdataset itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import zstandard
+
+from .preprocess import context_indices
+
+FORMAT_NAME = "liverseg-shards"
+FORMAT_VERSION = 1
+FIELDS = ("image.zst", "mask.zst", "meta.json")
+
+
+@dataclass(frozen=True)
+class SliceSample:
+    """One decoded sample: uint8 image and mask (H, W), and its metadata."""
+
+    case: str
+    z: int
+    depth: int
+    target: bool
+    liver: bool
+    tumour: bool
+    image: np.ndarray
+    mask: np.ndarray
+
+
+def sample_key(case: str, z: int) -> str:
+    # WebDataset splits a member name at the first dot of its basename: keys hold none.
+    return f"{case.replace('.', '_')}-z{z:04d}"
+
+
+def encode_sample(case: str, z: int, depth: int, target: bool, image: np.ndarray,
+                  mask: np.ndarray, compressor: zstandard.ZstdCompressor) -> dict[str, Any]:
+    """A sample as WebDataset fields of bytes."""
+    meta = {
+        "case": case, "z": int(z), "depth": int(depth), "target": bool(target),
+        "liver": bool((mask >= 1).any()), "tumour": bool((mask == 2).any()),
+        "shape": list(image.shape),
+    }
+    return {
+        "__key__": sample_key(case, z),
+        "image.zst": compressor.compress(np.ascontiguousarray(image, np.uint8).tobytes()),
+        "mask.zst": compressor.compress(np.ascontiguousarray(mask, np.uint8).tobytes()),
+        "meta.json": json.dumps(meta, separators=(",", ":")).encode(),
+    }
+
+
+_DECOMPRESSOR = zstandard.ZstdDecompressor()
+
+
+def decode_sample(sample: dict[str, Any]) -> SliceSample:
+    """Fields of bytes (as a tar reader yields them) → a :class:`SliceSample`."""
+    meta = json.loads(sample["meta.json"])
+    shape = tuple(meta["shape"])
+    image = np.frombuffer(_DECOMPRESSOR.decompress(sample["image.zst"]), np.uint8).reshape(shape)
+    mask = np.frombuffer(_DECOMPRESSOR.decompress(sample["mask.zst"]), np.uint8).reshape(shape)
+    return SliceSample(meta["case"], meta["z"], meta["depth"], meta["target"], meta["liver"],
+                       meta["tumour"], image, mask)
+
+
+class _HashingWriter:
+    """File wrapper that counts and hashes what passes through it."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.raw.write(data)
+
+
+class ShardWriter:
+    """Writes samples to one tar, deterministically (fixed mtime, owner and mode).
+
+    Use as a context manager; ``sha256`` and ``bytes`` are set on exit.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.samples = 0
+        self.sha256 = ""
+        self.bytes = 0
+
+    def __enter__(self) -> "ShardWriter":
+        self._file = open(self.path, "wb")
+        self._hashing = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for field in FIELDS:
+            data = sample[field]
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "liverseg"
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._tar.close()
+        self._file.close()
+        self.sha256, self.bytes = self._hashing.sha256.hexdigest(), self._hashing.bytes
+
+
+def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Samples of one shard as dicts of bytes (``__key__`` plus fields), in tar order."""
+    with tarfile.open(path, mode="r|") as tar:
+        sample: dict[str, Any] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, field = member.name.split(".", 1)
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[field] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        if sample:
+            yield sample
+
+
+def stack_stream(samples: Iterable[SliceSample], context: int) -> Iterator[tuple[SliceSample, np.ndarray]]:
+    """Build the (2k+1, H, W) uint8 stacks of the target samples of a z-ordered stream.
+
+    Holds only the last few slices of the current case (a ring buffer in effect): a target
+    is emitted once the slice k above it has been read, or its case ended. Neighbours are
+    ``preprocess.context_indices`` (edges replicated) — the writer guarantees they are in
+    the stream, so the result equals ``preprocess.stack_context`` on the whole volume.
+    """
+    window: dict[int, SliceSample] = {}
+    pending: list[SliceSample] = []
+    for sample in samples:
+        if window and _starts_new_run(sample, window):
+            yield from _flush(pending, window, context)
+            window, pending = {}, []
+        window[sample.z] = sample
+        if sample.target:
+            pending.append(sample)
+        ready = [p for p in pending if _last_needed(p, context) <= sample.z]
+        for p in ready:
+            yield p, _stack(p, window, context)
+        pending = [p for p in pending if _last_needed(p, context) > sample.z]
+        lowest = min([p.z for p in pending] + [sample.z + 1]) - context
+        for z in [z for z in window if z < lowest]:
+            del window[z]
+    yield from _flush(pending, window, context)
+
+
+def _starts_new_run(sample: SliceSample, window: dict[int, SliceSample]) -> bool:
+    # a new case, or the same shard read again (resampling can repeat a shard)
+    return next(iter(window.values())).case != sample.case or sample.z <= max(window)
+
+
+def _last_needed(sample: SliceSample, context: int) -> int:
+    return min(sample.z + context, sample.depth - 1)
+
+
+def _flush(pending: list[SliceSample], window: dict[int, SliceSample], context: int
+           ) -> Iterator[tuple[SliceSample, np.ndarray]]:
+    for p in pending:
+        yield p, _stack(p, window, context)
+
+
+def _stack(sample: SliceSample, window: dict[int, SliceSample], context: int) -> np.ndarray:
+    try:
+        return np.stack([window[z].image for z in context_indices(sample.z, sample.depth, context)])
+    except KeyError as missing:
+        raise ValueError(f"shard stream lacks slice {missing} of case {sample.case} "
+                         f"needed as context for slice {sample.z}") from None

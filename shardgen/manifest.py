@@ -1,0 +1,130 @@
+"""manifest.json: what the shards hold, so readers never have to scan the tars."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .discover import SPLITS, Rejection
+from .errors import ShardgenError
+from .format import FORMAT_NAME, FORMAT_VERSION
+from .preprocess import Preprocessing
+
+MANIFEST = "manifest.json"
+CLASSES = ("background", "liver", "tumour")
+SHARD_KEYS = ("split", "case", "samples", "targets", "bytes", "sha256",
+              "liver_slices", "tumour_slices", "pixels")
+CASE_KEYS = ("split", "image", "label", "depth", "spacing_mm", "input_shape", "shard")
+
+
+def manifest_name(node_rank: int, num_nodes: int) -> str:
+    return MANIFEST if num_nodes == 1 else f"manifest.node-{node_rank}-of-{num_nodes}.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def assemble_manifest(records: list[dict[str, Any]], rejected: list[Rejection],
+                      splits: dict[str, str], settings: dict[str, Any], version: str,
+                      nodes: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    records = sorted(records, key=lambda r: (SPLITS.index(r["split"]), r["shard"]))
+    shards = [{"path": r["shard"], **{k: r[k] for k in SHARD_KEYS}} for r in records]
+    cases = {r["case"]: {k: r[k] for k in CASE_KEYS} for r in records}
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": version,
+        **settings,
+        "totals": totals(shards), "class_fractions": class_fractions(shards),
+        "split_assignment": dict(sorted(splits.items())),
+        "cases": dict(sorted(cases.items())),
+        "shards": shards,
+        "rejected": [r.to_dict() for r in rejected],
+    }
+    if nodes[1] > 1:
+        manifest["node"] = {"rank": nodes[0], "count": nodes[1]}
+    return manifest
+
+
+def totals(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    out = {}
+    for split in SPLITS:
+        mine = [s for s in shards if s["split"] == split]
+        out[split] = {"cases": len(mine), "shards": len(mine),
+                      **{k: sum(s[k] for s in mine) for k in
+                         ("samples", "targets", "bytes", "liver_slices", "tumour_slices")}}
+    return out
+
+
+def class_fractions(shards: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Pixel fraction of each class over the target slices, per split and overall."""
+    groups = {split: [s for s in shards if s["split"] == split] for split in SPLITS}
+    groups["all"] = shards
+    out = {}
+    for name, mine in groups.items():
+        counts = [sum(s["pixels"][c] for s in mine) for c in range(len(CLASSES))]
+        total = sum(counts) or 1
+        out[name] = {cls: n / total for cls, n in zip(CLASSES, counts)}
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Load a manifest (or the manifest.json inside a folder) and check it is ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ShardgenError(f"{path}: cannot read manifest ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ShardgenError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ShardgenError(f"{path}: not a {FORMAT_NAME} manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ShardgenError(f"{path}: format version {data.get('format_version')} is not "
+                            f"supported (this shardgen reads version {FORMAT_VERSION})")
+    return data
+
+
+def manifest_preprocessing(manifest: dict[str, Any]) -> Preprocessing:
+    return Preprocessing.from_dict(manifest["preprocessing"])
+
+
+def merge_manifests(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Join the manifests of a multi-node build into ``out`` (a manifest path).
+
+    The parts must agree on settings and split assignment; shard paths are rewritten
+    relative to ``out``'s folder.
+    """
+    parts = [(Path(p), read_manifest(p)) for p in paths]
+    if not parts:
+        raise ShardgenError("nothing to merge: give the per-node manifests")
+    first_path, first = parts[0]
+    keys = ("preprocessing", "selection", "zstd_level", "split_assignment")
+    for path, part in parts[1:]:
+        for key in keys:
+            if part.get(key) != first.get(key):
+                raise ShardgenError(f"{path}: its {key} differs from {first_path}'s; "
+                                    "these shards were not built together")
+    records, rejected, seen = [], [], set()
+    for path, part in parts:
+        for shard in part["shards"]:
+            rel = os.path.relpath(path.parent / shard["path"], out.parent)
+            records.append({**shard, **part["cases"][shard["case"]], "shard": rel})
+        for r in part["rejected"]:
+            if (r["case"], r["file"]) not in seen:
+                seen.add((r["case"], r["file"]))
+                rejected.append(Rejection(**r))
+    duplicates = [case for case, n in Counter(r["case"] for r in records).items() if n > 1]
+    if duplicates:
+        raise ShardgenError(f"case(s) {sorted(duplicates)[:5]} appear in more than one manifest")
+    settings = {k: first[k] for k in ("preprocessing", "selection", "zstd_level")}
+    merged = assemble_manifest(records, rejected, first["split_assignment"], settings,
+                               first["tool_version"])
+    write_json_atomic(out, merged)
+    return merged

@@ -1,0 +1,141 @@
+"""The one preprocessing definition: settings as data, and the functions that apply them.
+
+shardgen applies it when writing shards, evaluation applies it to test volumes, and the
+settings travel in manifest.json and every checkpoint's config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ShardgenError
+from .orientation import CANONICAL_AXCODES
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a CT volume becomes network input.
+
+    HU are clipped to ``window`` and mapped linearly to 0..255 (stored as uint8, so the
+    shards are small; the model sees ``uint8 / 255``). Slices are taken along z of the
+    canonical (z, row, col) orientation and resized to ``size`` × ``size``. ``context``
+    neighbouring slices on each side become extra channels (2 * context + 1 in all), edge
+    slices replicated.
+    """
+
+    window: tuple[float, float] = (-100.0, 400.0)
+    size: int = 512
+    context: int = 1
+    orientation: str = "".join(CANONICAL_AXCODES)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.window
+        if not hi > lo:
+            raise ShardgenError(f"HU window must have high > low, got {self.window}")
+        if self.size < 8:
+            raise ShardgenError(f"size must be at least 8 pixels, got {self.size}")
+        if self.context < 0:
+            raise ShardgenError(f"context must be >= 0, got {self.context}")
+        if self.orientation != "".join(CANONICAL_AXCODES):
+            raise ShardgenError(f"unsupported orientation rule {self.orientation!r}")
+        object.__setattr__(self, "window", (float(lo), float(hi)))
+
+    @property
+    def channels(self) -> int:
+        return 2 * self.context + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "window": list(self.window)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ShardgenError(f"unknown preprocessing settings {sorted(unknown)}")
+        kwargs = dict(data)
+        if "window" in kwargs:
+            kwargs["window"] = tuple(kwargs["window"])
+        return cls(**kwargs)
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def window_scaled(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """HU → float32 in [0, 255] (not yet rounded)."""
+    lo, hi = window
+    out = np.clip(hu, lo, hi, dtype=np.float32)
+    out -= np.float32(lo)
+    out *= np.float32(255.0 / (hi - lo))
+    return out
+
+
+def quantise(scaled: np.ndarray) -> np.ndarray:
+    return np.rint(scaled).astype(np.uint8)
+
+
+def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of linear interpolation, widened when shrinking so every input
+    pixel contributes (anti-aliasing, as PIL's and torch's antialiased bilinear do)."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5
+    dist = np.abs(np.arange(n_in)[None, :] - centres[:, None]) / support
+    weights = np.clip(1.0 - dist, 0.0, None)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return weights.astype(np.float32)
+
+
+def resize_linear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize float images (..., H, W) to (..., size[0], size[1]); identity when equal."""
+    h, w = images.shape[-2:]
+    if (h, w) == tuple(size):
+        return images.astype(np.float32, copy=False)
+    rows = interpolation_matrix(h, size[0])
+    cols = interpolation_matrix(w, size[1])
+    return rows @ images.astype(np.float32, copy=False) @ cols.T
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Index of the input pixel whose area holds each output pixel's centre."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize label images (..., H, W) by nearest neighbour; identity when equal."""
+    h, w = labels.shape[-2:]
+    if (h, w) == tuple(size):
+        return labels
+    return labels[..., nearest_indices(h, size[0])[:, None], nearest_indices(w, size[1])[None, :]]
+
+
+def preprocess_image(hu: np.ndarray, settings: Preprocessing) -> np.ndarray:
+    """Canonical HU slices (..., H, W), any numeric dtype → uint8 (..., size, size)."""
+    scaled = resize_linear(window_scaled(hu, settings.window), (settings.size, settings.size))
+    return quantise(scaled)
+
+
+def preprocess_label(label: np.ndarray, settings: Preprocessing) -> np.ndarray:
+    """Canonical label slices (..., H, W) → uint8 (..., size, size) by nearest neighbour."""
+    return resize_nearest(label, (settings.size, settings.size)).astype(np.uint8, copy=False)
+
+
+def context_indices(z: int, depth: int, context: int) -> list[int]:
+    """Slice indices stacked as channels for slice ``z``, edges replicated."""
+    return [min(max(z + d, 0), depth - 1) for d in range(-context, context + 1)]
+
+
+def stack_context(slices: np.ndarray, z: int, context: int) -> np.ndarray:
+    """The (2k+1, H, W) network input for slice ``z`` of preprocessed slices (Z, H, W)."""
+    return slices[context_indices(z, slices.shape[0], context)]
+
+
+def to_model_input(stack: np.ndarray) -> np.ndarray:
+    """uint8 stacks → float32 in [0, 1], the values the network sees."""
+    return stack.astype(np.float32) / np.float32(255.0)

@@ -1,0 +1,98 @@
+"""The shard format: sample encoding, tar layout read by webdataset, 2.5D stacks from z-order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import webdataset as wds
+import zstandard
+
+from shardgen.build import with_context
+from shardgen.format import (ShardWriter, decode_sample, encode_sample, read_shard, sample_key,
+                             stack_stream)
+from shardgen.preprocess import stack_context
+
+
+def volume(depth=9, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (depth, size, size), dtype=np.uint8),
+            rng.integers(0, 3, (depth, size, size), dtype=np.uint8))
+
+
+def write(path, case, images, masks, written, targets):
+    compressor = zstandard.ZstdCompressor(level=1)
+    with ShardWriter(path) as writer:
+        for z in written:
+            writer.write(encode_sample(case, z, len(images), z in targets, images[z], masks[z], compressor))
+    return writer
+
+
+def test_sample_round_trip():
+    images, masks = volume()
+    s = decode_sample(encode_sample("volume-3", 4, 9, True, images[4], masks[4], zstandard.ZstdCompressor()))
+    assert (s.image == images[4]).all() and (s.mask == masks[4]).all()
+    assert (s.case, s.z, s.depth, s.target) == ("volume-3", 4, 9, True)
+    assert s.liver == bool((masks[4] >= 1).any()) and s.tumour == bool((masks[4] == 2).any())
+
+
+def test_keys_hold_no_dots():
+    assert "." not in sample_key("case.v1.nii", 3)
+
+
+def test_webdataset_reads_what_we_write(tmp_path):
+    images, masks = volume()
+    writer = write(tmp_path / "a.tar", "c0", images, masks, range(9), set(range(9)))
+    ours = list(read_shard(tmp_path / "a.tar"))
+    theirs = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
+    assert writer.samples == 9 and len(theirs) == 9
+    for a, b in zip(ours, theirs):
+        assert a["__key__"] == b["__key__"]
+        for field in ("image.zst", "mask.zst", "meta.json"):
+            assert a[field] == b[field]
+
+
+def test_shard_bytes_are_deterministic(tmp_path):
+    images, masks = volume()
+    a = write(tmp_path / "a.tar", "c0", images, masks, range(9), {2, 3})
+    b = write(tmp_path / "b.tar", "c0", images, masks, range(9), {2, 3})
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert a.sha256 == b.sha256 and a.bytes == (tmp_path / "a.tar").stat().st_size
+
+
+@pytest.mark.parametrize("name, targets, context", [
+    ("every slice, k=1", [0, 1, 2, 3, 4, 5, 6, 7, 8], 1),
+    ("scattered targets, k=1", [0, 4, 8], 1),
+    ("scattered targets, k=2", [1, 5, 6], 2),
+    ("no context", [2, 7], 0),
+    ("edges only, k=3", [0, 8], 3),
+])
+def test_stacks_from_z_order_equal_whole_volume_stacks(tmp_path, name, targets, context):
+    cases = [("c0", *volume(seed=0)), ("c1", *volume(depth=5, seed=1))]
+    stream = []
+    for case, images, masks in cases:
+        mine = [t for t in targets if t < len(images)]
+        written = with_context(np.array(mine), len(images), context)
+        write(tmp_path / f"{case}.tar", case, images, masks, written.tolist(), set(mine))
+        stream += [decode_sample(s) for s in read_shard(tmp_path / f"{case}.tar")]
+    got = [(s.case, s.z, stack) for s, stack in stack_stream(stream, context)]
+    expected = [(case, t, stack_context(images, t, context))
+                for case, images, _ in cases for t in targets if t < len(images)]
+    assert [(c, z) for c, z, _ in got] == [(c, z) for c, z, _ in expected]
+    for (_, _, a), (_, _, b) in zip(got, expected):
+        assert (a == b).all()
+
+
+def test_same_shard_twice_in_a_row_restarts_the_stack(tmp_path):
+    images, masks = volume(depth=4)
+    write(tmp_path / "c.tar", "c", images, masks, range(4), {0, 3})
+    once = [decode_sample(s) for s in read_shard(tmp_path / "c.tar")]
+    got = [(s.z, st) for s, st in stack_stream(once + once, 1)]
+    assert [z for z, _ in got] == [0, 3, 0, 3]
+    assert all((st == stack_context(images, z, 1)).all() for z, st in got)
+
+
+def test_missing_neighbour_is_an_error_not_a_wrong_stack(tmp_path):
+    images, masks = volume(depth=5)
+    write(tmp_path / "c.tar", "c", images, masks, [2], {2})  # neighbours 1 and 3 not written
+    with pytest.raises(ValueError, match="lacks slice"):
+        list(stack_stream(map(decode_sample, read_shard(tmp_path / "c.tar")), 1))

@@ -1,0 +1,95 @@
+"""The preprocessing definition: window, resize, context stacking, settings as data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardgen.errors import ShardgenError
+from shardgen.preprocess import (Preprocessing, context_indices, preprocess_image,
+                                 preprocess_label, resize_linear, resize_nearest, window_scaled)
+
+
+@pytest.mark.parametrize("name, hu, expected", [
+    ("air clipped to 0", -1000, 0),
+    ("window low", -100, 0),
+    ("window high", 400, 255),
+    ("bone clipped to 255", 1500, 255),
+    ("liver", 110, 107),        # (110 + 100) * 255 / 500 = 107.1
+    ("water", 0, 51),           # 100 * 0.51
+])
+def test_window_to_uint8(name, hu, expected):
+    settings = Preprocessing(size=8)
+    out = preprocess_image(np.full((8, 8), hu, np.int16), settings)
+    assert out.dtype == np.uint8 and (out == expected).all()
+
+
+def test_window_same_for_int_and_float_input():
+    hu = np.arange(-300, 600, dtype=np.int16).reshape(30, 30)
+    settings = Preprocessing(size=30)
+    assert (preprocess_image(hu, settings) == preprocess_image(hu.astype(np.float32), settings)).all()
+
+
+@pytest.mark.parametrize("shape, size", [((64, 64), 32), ((48, 80), 64), ((30, 30), 90)])
+def test_linear_resize_matches_torch_antialiased_bilinear(shape, size):
+    img = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    ours = resize_linear(img, (size, size))
+    ref = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode="bilinear",
+                        align_corners=False, antialias=True)[0, 0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_resize_is_identity_at_same_size():
+    img = np.random.default_rng(1).normal(size=(3, 16, 16)).astype(np.float32)
+    assert (resize_linear(img, (16, 16)) == img).all()
+
+
+def test_nearest_resize_keeps_label_values_and_geometry():
+    label = np.zeros((64, 64), np.uint8)
+    label[16:48, 8:24] = 1
+    label[30:34, 12:16] = 2
+    small = resize_nearest(label, (32, 32))
+    assert set(np.unique(small)) == {0, 1, 2}
+    assert (small[8:24, 4:12] >= 1).all() and small[:8].max() == 0
+    big = preprocess_label(small, Preprocessing(size=64))
+    assert (big == label).mean() > 0.98
+
+
+@pytest.mark.parametrize("name, z, depth, context, expected", [
+    ("middle", 5, 10, 1, [4, 5, 6]),
+    ("bottom edge replicated", 0, 10, 1, [0, 0, 1]),
+    ("top edge replicated", 9, 10, 2, [7, 8, 9, 9, 9]),
+    ("single-slice volume", 0, 1, 1, [0, 0, 0]),
+    ("no context", 3, 10, 0, [3]),
+])
+def test_context_indices(name, z, depth, context, expected):
+    assert context_indices(z, depth, context) == expected
+
+
+def test_settings_round_trip_and_fingerprint():
+    settings = Preprocessing(window=(-50, 250), size=128, context=2)
+    again = Preprocessing.from_dict(settings.to_dict())
+    assert again == settings and again.channels == 5
+    assert again.fingerprint() != Preprocessing().fingerprint()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"window": (400, -100)}, "high > low"),
+    ({"size": 4}, "at least 8"),
+    ({"context": -1}, ">= 0"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ShardgenError, match=message):
+        Preprocessing(**kwargs)
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(ShardgenError, match="unknown preprocessing"):
+        Preprocessing.from_dict({"size": 64, "spacing": 1.0})
+
+
+def test_window_scaled_is_float_in_range():
+    out = window_scaled(np.array([-2000, 150, 3000], np.int16), (-100.0, 400.0))
+    assert out.dtype == np.float32 and out.tolist() == [0.0, 127.5, 255.0]
