@@ -24,14 +24,13 @@ import zstandard
 from . import __version__
 from .discover import CaseSource, Rejection, assign_splits, discover, read_split_file
 from .errors import InvalidCase, ShardgenError
-from .format import ShardWriter, encode_sample
+from .format import ShardWriter, class_counts, encode_sample
 from .manifest import assemble_manifest, manifest_name, write_json_atomic
 from .nifti import Case, load_case
 from .preprocess import Preprocessing, context_indices, preprocess_image, preprocess_label
 
 log = logging.getLogger(__name__)
 RECORDS = ".records"
-CHUNK = 32  # slices preprocessed at once: bounds memory, keeps arrays in cache
 
 
 @dataclass(frozen=True)
@@ -117,17 +116,16 @@ def write_case_shard(case: Case, case_id: str, path: Path, config: BuildConfig) 
     liver_slices = tumour_slices = 0
     tmp = path.with_name(path.name + ".tmp")
     with ShardWriter(tmp) as writer:
-        for zs in np.array_split(written, max(1, -(-len(written) // CHUNK))):
-            images = preprocess_image(case.image[zs], settings)
-            labels = preprocess_label(case.label[zs], settings)
-            for z, image, mask in zip(zs.tolist(), images, labels):
-                target = z in target_set
-                writer.write(encode_sample(case_id, z, case.shape[0], target, image, mask, compressor))
-                if target:
-                    counts = np.bincount(mask.ravel(), minlength=3)
-                    pixels += counts
-                    liver_slices += int(counts[1] + counts[2] > 0)
-                    tumour_slices += int(counts[2] > 0)
+        for z in written.tolist():
+            image = preprocess_image(case.image[z], settings)
+            mask = preprocess_label(case.label[z], settings)
+            counts = class_counts(mask)
+            target = z in target_set
+            writer.write(encode_sample(case_id, z, case.shape[0], target, image, mask, compressor, counts))
+            if target:
+                pixels += counts
+                liver_slices += int(counts[1] + counts[2] > 0)
+                tumour_slices += int(counts[2] > 0)
     os.replace(tmp, path)
     return {"case": case_id, "shard": path.name, "samples": writer.samples,
             "targets": len(targets), "bytes": writer.bytes, "sha256": writer.sha256,

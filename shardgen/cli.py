@@ -173,3 +173,5 @@ def inspect_command(shards: Path, png: Path | None, count: int, seed: int) -> No
     click.echo("\n".join(lines))
     if written:
         click.echo(f"sample grid: {written}")
+if __name__ == "__main__":
+    main()

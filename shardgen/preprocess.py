@@ -77,7 +77,8 @@ def window_scaled(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 def quantise(scaled: np.ndarray) -> np.ndarray:
-    return np.rint(scaled).astype(np.uint8)
+    """Round in place (``scaled`` is a temporary) and store as uint8."""
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:

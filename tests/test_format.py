@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tarfile
+
 import numpy as np
 import pytest
 import webdataset as wds
@@ -45,6 +47,9 @@ def test_webdataset_reads_what_we_write(tmp_path):
     ours = list(read_shard(tmp_path / "a.tar"))
     theirs = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
     assert writer.samples == 9 and len(theirs) == 9
+    with tarfile.open(tmp_path / "a.tar") as tar:  # the standard library agrees on the layout
+        assert tar.getnames()[:3] == ["c0-z0000.image.zst", "c0-z0000.mask.zst", "c0-z0000.meta.json"]
+        assert all(m.mtime == 0 and m.mode == 0o444 for m in tar.getmembers())
     for a, b in zip(ours, theirs):
         assert a["__key__"] == b["__key__"]
         for field in ("image.zst", "mask.zst", "meta.json"):

@@ -1,0 +1,183 @@
+"""Building shards end to end: round trip, determinism, resume, nodes, splits, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import webdataset as wds
+
+from conftest import write_blob_case
+from shardgen.build import BuildConfig, build_shards
+from shardgen.format import decode_sample, stack_stream
+from shardgen.manifest import merge_manifests, read_manifest
+from shardgen.orientation import to_canonical
+from shardgen.preprocess import Preprocessing, preprocess_image, preprocess_label, stack_context
+
+
+def tars(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def shard_stream(folder: Path, manifest: dict, split: str):
+    urls = [str(folder / s["path"]) for s in manifest["shards"] if s["split"] == split]
+    return (decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False))
+
+
+def source_slices(manifest: dict, case: str, settings: Preprocessing):
+    """The case's preprocessed slices, read with nibabel's own loader (not shardgen's)."""
+    entry = manifest["cases"][case]
+    img, seg = nib.load(entry["image"]), nib.load(entry["label"])
+    image = to_canonical(np.asanyarray(img.dataobj), img.affine)
+    label = to_canonical(np.asanyarray(seg.dataobj), img.affine)
+    return preprocess_image(image, settings), preprocess_label(label, settings)
+
+
+def test_round_trip_phantom_to_webdataset_reader(phantom_dir, tmp_path):
+    settings = Preprocessing(size=48, context=1)
+    result = build_shards(BuildConfig(inputs=(phantom_dir,), out=tmp_path, preprocessing=settings,
+                                      fractions=(0.5, 0.25, 0.25)))
+    manifest = result.manifest
+    checked = 0
+    for split in ("train", "val", "test"):
+        cache = {}
+        for sample, stack in stack_stream(shard_stream(tmp_path, manifest, split), settings.context):
+            if sample.case not in cache:
+                cache[sample.case] = source_slices(manifest, sample.case, settings)
+            images, labels = cache[sample.case]
+            assert (stack == stack_context(images, sample.z, settings.context)).all()
+            assert (sample.mask == labels[sample.z]).all()
+            checked += 1
+        assert checked and len(cache) == manifest["totals"][split]["cases"]
+    assert checked == sum(t["targets"] for t in manifest["totals"].values())
+
+
+def test_phantom_shards_hold_liver_and_tumour_slices(phantom_dir, tmp_path):
+    result = build_shards(BuildConfig(inputs=(phantom_dir,), out=tmp_path,
+                                      preprocessing=Preprocessing(size=32)))
+    fr = result.manifest["class_fractions"]["all"]
+    assert 0.02 < fr["liver"] < 0.6 and fr["tumour"] > 0
+    assert sum(t["tumour_slices"] for t in result.manifest["totals"].values()) > 0
+
+
+def test_manifest_counts_match_the_tars(phantom_dir, tmp_path):
+    manifest = build_shards(BuildConfig(inputs=(phantom_dir,), out=tmp_path,
+                                        preprocessing=Preprocessing(size=32))).manifest
+    for shard in manifest["shards"]:
+        samples = [decode_sample(s) for s in wds.WebDataset(str(tmp_path / shard["path"]), shardshuffle=False)]
+        assert len(samples) == shard["samples"]
+        assert sum(s.target for s in samples) == shard["targets"]
+        assert {s.case for s in samples} == {shard["case"]}
+        assert [s.z for s in samples] == sorted(s.z for s in samples)
+        assert (tmp_path / shard["path"]).stat().st_size == shard["bytes"]
+
+
+def test_split_is_by_case_and_recorded(tmp_path):
+    for i in range(10):
+        write_blob_case(tmp_path / "in", i)
+    manifest = build_shards(BuildConfig(inputs=(tmp_path / "in",), out=tmp_path / "out",
+                                        preprocessing=Preprocessing(size=16), seed=5)).manifest
+    assignment = manifest["split_assignment"]
+    assert sorted(assignment.values()).count("val") == 1 and sorted(assignment.values()).count("test") == 1
+    for shard in manifest["shards"]:
+        assert shard["split"] == assignment[shard["case"]] and shard["path"].startswith(shard["split"])
+    other = build_shards(BuildConfig(inputs=(tmp_path / "in",), out=tmp_path / "out2",
+                                     preprocessing=Preprocessing(size=16), seed=6)).manifest
+    assert other["split_assignment"] != assignment
+
+
+def test_split_file_is_followed(tmp_path):
+    for i in range(3):
+        write_blob_case(tmp_path / "in", i)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["volume-2"], "val": ["volume-0"], "test": ["volume-1"]}))
+    manifest = build_shards(BuildConfig(inputs=(tmp_path / "in",), out=tmp_path / "out",
+                                        preprocessing=Preprocessing(size=16), split_file=split)).manifest
+    assert manifest["split_assignment"] == {"volume-0": "val", "volume-1": "test", "volume-2": "train"}
+
+
+def test_same_inputs_give_byte_identical_shards_whatever_the_workers(phantom_dir, tmp_path):
+    common = dict(inputs=(phantom_dir,), preprocessing=Preprocessing(size=32))
+    one = build_shards(BuildConfig(out=tmp_path / "a", workers=1, **common))
+    two = build_shards(BuildConfig(out=tmp_path / "b", workers=2, **common))
+    assert tars(tmp_path / "a") == tars(tmp_path / "b") and len(tars(tmp_path / "a")) == 6
+    assert one.manifest["shards"] == two.manifest["shards"]
+
+
+def test_nodes_partition_cases_and_merge_equals_a_single_build(phantom_dir, tmp_path):
+    common = dict(inputs=(phantom_dir,), preprocessing=Preprocessing(size=32))
+    single = build_shards(BuildConfig(out=tmp_path / "single", **common)).manifest
+    parts = [build_shards(BuildConfig(out=tmp_path / "multi", num_nodes=2, node_rank=r, **common))
+             for r in (0, 1)]
+    cases = [set(p.manifest["cases"]) for p in parts]
+    assert cases[0] and cases[1] and not cases[0] & cases[1]
+    merged = merge_manifests([p.manifest_path for p in parts], tmp_path / "multi" / "manifest.json")
+    assert merged["shards"] == single["shards"] and merged["totals"] == single["totals"]
+    assert read_manifest(tmp_path / "multi") == merged
+    assert tars(tmp_path / "multi") == tars(tmp_path / "single")
+
+
+def test_rerun_reuses_finished_shards(phantom_dir, tmp_path):
+    config = BuildConfig(inputs=(phantom_dir,), out=tmp_path, preprocessing=Preprocessing(size=32))
+    first = build_shards(config)
+    reused = []
+    second = build_shards(config, on_case=lambda r: reused.append(r["reused"]))
+    assert reused == [True] * 6 and second.manifest == first.manifest
+
+
+def test_changed_settings_rewrite_instead_of_mixing(phantom_dir, tmp_path):
+    build_shards(BuildConfig(inputs=(phantom_dir,), out=tmp_path, preprocessing=Preprocessing(size=32)))
+    reused = []
+    build_shards(BuildConfig(inputs=(phantom_dir,), out=tmp_path, preprocessing=Preprocessing(size=24)),
+                 on_case=lambda r: reused.append(r["reused"]))
+    assert reused == [False] * 6
+    assert read_manifest(tmp_path)["preprocessing"]["size"] == 24
+
+
+def cli_build(inp: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "shardgen.cli", "build", "--input", str(inp), "--out", str(out),
+            "--size", "128", "--background-fraction", "1"]
+
+
+def test_kill_and_resume_ends_with_the_same_shards(tmp_path):
+    for i in range(8):
+        write_blob_case(tmp_path / "in", i)
+    subprocess.run(cli_build(tmp_path / "in", tmp_path / "clean"), check=True, capture_output=True)
+    proc = subprocess.Popen(cli_build(tmp_path / "in", tmp_path / "killed"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((tmp_path / "killed").glob(".records/*.json")) and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists(), "build finished before the kill"
+    subprocess.run(cli_build(tmp_path / "in", tmp_path / "killed"), check=True, capture_output=True)
+    assert tars(tmp_path / "killed") == tars(tmp_path / "clean")
+    assert read_manifest(tmp_path / "killed")["shards"] == read_manifest(tmp_path / "clean")["shards"]
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_shardgen_never_imports_torch(tmp_path):
+    write_blob_case(tmp_path / "in", 0)
+    code = (
+        "import sys, pkgutil, importlib, shardgen\n"
+        "for m in pkgutil.iter_modules(shardgen.__path__): importlib.import_module('shardgen.' + m.name)\n"
+        "from shardgen.build import BuildConfig, build_shards\n"
+        "from shardgen.preprocess import Preprocessing\n"
+        "from shardgen.inspect import inspect_shards\n"
+        f"build_shards(BuildConfig(inputs=({str(tmp_path / 'in')!r},), out=__import__('pathlib').Path({str(tmp_path / 'out')!r}), preprocessing=Preprocessing(size=16)))\n"
+        f"inspect_shards({str(tmp_path / 'out')!r}, __import__('pathlib').Path({str(tmp_path / 'g.png')!r}), 2)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'webdataset' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr
