@@ -87,13 +87,45 @@ def decode_sample(sample: dict[str, Any]) -> SliceSample:
                        meta["tumour"], image, mask)
 
 
+def member_header(name: str, size: int) -> bytes:
+    """The tar (ustar) header of a shard member, equal to ``tarfile.TarInfo.tobuf``'s.
+
+    The standard library builds it field by field in Python (a fifth of the time spent
+    per slice); here its template is patched with the name, size and checksum instead.
+    A test checks the result against the standard library byte for byte.
+    """
+    encoded = name.encode()
+    if len(encoded) > 100 or size >= 8**11:
+        return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    header = bytearray(_TEMPLATE)
+    header[0:len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[148:155] = b"%06o\0" % sum(header)  # computed with the checksum field blank
+    return bytes(header)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uname = info.gname = "liverseg"
+    return info
+
+
+def _blank_template() -> bytes:
+    header = bytearray(_tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+    header[148:156] = b" " * 8
+    return bytes(header)
+
+
+_TEMPLATE = _blank_template()
+
+
 class ShardWriter:
     """Writes samples to one tar, deterministically (fixed mtime, owner and mode).
 
-    Headers come from the standard library's ``tarfile.TarInfo``; members are written
-    straight to the file (tarfile's stream mode re-copies its buffer for every 10 kB, which
-    cost more than compressing the slice). Use as a context manager; ``sha256`` and
-    ``bytes`` are set on exit.
+    Members are written straight to the file (tarfile's stream mode re-copies its buffer
+    for every 10 kB, which cost more than compressing the slice). Use as a context
+    manager; ``sha256`` and ``bytes`` are set on exit.
     """
 
     def __init__(self, path: Path):
@@ -116,10 +148,7 @@ class ShardWriter:
         key = sample["__key__"]
         for field in FIELDS:
             data = sample[field]
-            info = tarfile.TarInfo(f"{key}.{field}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uname = info.gname = "liverseg"
-            self._put(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+            self._put(member_header(f"{key}.{field}", len(data)))
             self._put(data)
             self._put(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
         self.samples += 1

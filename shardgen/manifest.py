@@ -78,15 +78,22 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / MANIFEST
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise ShardgenError(f"{path}: cannot read manifest ({exc.strerror})") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Any]:
+    """Check a manifest's text (``where`` names it in errors) and return its data."""
+    try:
+        data = json.loads(text)
     except ValueError as exc:
-        raise ShardgenError(f"{path}: not valid JSON ({exc})") from None
+        raise ShardgenError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise ShardgenError(f"{path}: not a {FORMAT_NAME} manifest")
+        raise ShardgenError(f"{where}: not a {FORMAT_NAME} manifest")
     if data.get("format_version") != FORMAT_VERSION:
-        raise ShardgenError(f"{path}: format version {data.get('format_version')} is not "
+        raise ShardgenError(f"{where}: format version {data.get('format_version')} is not "
                             f"supported (this shardgen reads version {FORMAT_VERSION})")
     return data
 

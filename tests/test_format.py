@@ -10,8 +10,8 @@ import webdataset as wds
 import zstandard
 
 from shardgen.build import with_context
-from shardgen.format import (ShardWriter, decode_sample, encode_sample, read_shard, sample_key,
-                             stack_stream)
+from shardgen.format import (ShardWriter, decode_sample, encode_sample, member_header, read_shard,
+                             sample_key, stack_stream)
 from shardgen.preprocess import stack_context
 
 
@@ -54,6 +54,17 @@ def test_webdataset_reads_what_we_write(tmp_path):
         assert a["__key__"] == b["__key__"]
         for field in ("image.zst", "mask.zst", "meta.json"):
             assert a[field] == b[field]
+
+
+@pytest.mark.parametrize("name, size", [
+    ("c0-z0000.image.zst", 0), ("volume-12-z0123.mask.zst", 611), ("x.meta.json", 8**11 - 1),
+    ("liver_130-z9999.image.zst", 262144), ("n" * 95 + ".json", 10),
+])
+def test_member_headers_equal_the_standard_librarys(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uname = info.gname = "liverseg"
+    assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
 def test_shard_bytes_are_deterministic(tmp_path):

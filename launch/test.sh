@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install liverseg with its test tools into the current Python environment, then run the
+# test suite (CPU only, tiny sizes). Extra arguments go to pytest, e.g. `-k build -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+echo "==> installing liverseg and test tools into $("$PY" -c 'import sys; print(sys.prefix)')"
+"$PY" -m pip install --quiet --disable-pip-version-check --progress-bar off -e ".[dev]"
+echo "==> running the tests"
+"$PY" -m pytest -q -ra "$@"
