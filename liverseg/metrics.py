@@ -1,0 +1,126 @@
+"""Segmentation metrics: count tp/fp/fn/tn once (a confusion matrix, summed over batches
+and processes), then score the counts with tiny functions.
+
+Counts add up, scores do not: accumulate `confusion_matrix` (or counts) per batch, reduce
+across processes once after the loop, and only then call `dice`, `iou`, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+CLASSES = 3  # 0 background, 1 liver, 2 tumour
+LIVER, TUMOUR = 1, 2
+
+
+# --------------------------------------------------------------------------- counting
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor,
+                     classes: int = CLASSES) -> torch.Tensor:
+    """(K, K) int64 pixel counts, rows = target label, columns = predicted label.
+
+    `pred` and `target` hold labels in [0, classes) of the same shape; labels outside
+    that range are not checked.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    # One bincount of the (target, pred) pair index counts every cell in one pass. On CUDA
+    # torch sizes bincount's output from the input's max, read back to the host: one sync
+    # per call, so count once per batch rather than per image or per class.
+    cells = target.reshape(-1).long() * classes + pred.reshape(-1).long()
+    return torch.bincount(cells, minlength=classes * classes).reshape(classes, classes)
+
+
+def counts_from_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    """(K, K) confusion matrix → (K, 4) one-vs-rest counts, columns (tp, fp, fn, tn)."""
+    tp = matrix.diagonal()
+    fp = matrix.sum(dim=0) - tp  # predicted k, truly something else
+    fn = matrix.sum(dim=1) - tp  # truly k, predicted something else
+    tn = matrix.sum() - tp - fp - fn
+    return torch.stack([tp, fp, fn, tn], dim=-1)
+
+
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor,
+                     classes: int = CLASSES) -> torch.Tensor:
+    """(K, 4) int64 counts (tp, fp, fn, tn) per class, each class against all the others."""
+    return counts_from_matrix(confusion_matrix(pred, target, classes))
+
+
+def liver_tumour_from_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    """3×3 confusion matrix → (2, 4) counts for LiTS's two binary problems.
+
+    Row 0 is liver = label ≥ 1 (a tumour lies inside the liver, so it counts as liver),
+    row 1 is tumour = label 2. Deriving both from the 3×3 matrix lets training accumulate
+    one matrix and report every score from it.
+    """
+    background, foreground = slice(0, LIVER), slice(LIVER, None)
+    liver = torch.stack([
+        matrix[foreground, foreground].sum(),  # tp: liver or tumour, predicted either
+        matrix[background, foreground].sum(),  # fp
+        matrix[foreground, background].sum(),  # fn
+        matrix[background, background].sum(),  # tn
+    ])
+    return torch.stack([liver, counts_from_matrix(matrix)[TUMOUR]])
+
+
+def liver_tumour_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(2, 4) counts (tp, fp, fn, tn): row 0 liver (label ≥ 1), row 1 tumour (label 2)."""
+    return liver_tumour_from_matrix(confusion_matrix(pred, target, CLASSES))
+
+
+# --------------------------------------------------------------------------- scores
+# Each score takes counts (..., 4) and returns float32 (...). An empty denominator means
+# the class was absent where the score looks; it then scores 1 if the other side is empty
+# too (nothing there, nothing claimed: right) and 0 otherwise, so no NaN ever appears and
+# precision, recall and Dice agree on these corner cases:
+#   dice, iou    tp = fp = fn = 0                 → 1
+#   precision    nothing predicted (tp + fp = 0)  → 1 if fn = 0, else 0
+#   recall       nothing present  (tp + fn = 0)   → 1 if fp = 0, else 0
+#   accuracy     no pixels at all                 → 1
+
+def _unpack(counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(counts[..., i].to(torch.float32) for i in range(4))
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor,
+           if_empty: torch.Tensor) -> torch.Tensor:
+    # clamp keeps the unused branch of torch.where finite, so no NaN reaches gradients or logs
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1),
+                       if_empty.to(torch.float32))
+
+
+def dice(counts: torch.Tensor) -> torch.Tensor:
+    """2tp / (2tp + fp + fn); 1 when the class is absent from prediction and target."""
+    tp, fp, fn, _ = _unpack(counts)
+    return _ratio(2 * tp, 2 * tp + fp + fn, torch.ones_like(tp))
+
+
+def iou(counts: torch.Tensor) -> torch.Tensor:
+    """tp / (tp + fp + fn), the Jaccard index; 1 when the class is absent from both."""
+    tp, fp, fn, _ = _unpack(counts)
+    return _ratio(tp, tp + fp + fn, torch.ones_like(tp))
+
+
+def precision(counts: torch.Tensor) -> torch.Tensor:
+    """tp / (tp + fp); with nothing predicted, 1 if nothing was there either, else 0."""
+    tp, fp, fn, _ = _unpack(counts)
+    return _ratio(tp, tp + fp, fn == 0)
+
+
+def recall(counts: torch.Tensor) -> torch.Tensor:
+    """tp / (tp + fn), the sensitivity; with nothing present, 1 if nothing was predicted."""
+    tp, fp, fn, _ = _unpack(counts)
+    return _ratio(tp, tp + fn, fp == 0)
+
+
+def accuracy(counts: torch.Tensor) -> torch.Tensor:
+    """(tp + tn) / all pixels; 1 for no pixels."""
+    tp, fp, fn, tn = _unpack(counts)
+    return _ratio(tp + tn, tp + fp + fn + tn, torch.ones_like(tp))
+
+
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "dice": dice, "iou": iou, "precision": precision, "recall": recall, "accuracy": accuracy,
+}
