@@ -1,0 +1,88 @@
+"""Finding cases: LiTS and MSD layouts, pairing, duplicates, splits by case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shardgen.discover import assign_splits, discover
+from shardgen.errors import ShardgenError
+
+
+def touch(path, content=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def test_lits_nested_batches_and_mixed_extensions(tmp_path):
+    touch(tmp_path / "Training Batch 1" / "volume-0.nii")
+    touch(tmp_path / "Training Batch 1" / "segmentation-0.nii")
+    touch(tmp_path / "Training Batch 2" / "volume-10.nii.gz")
+    touch(tmp_path / "labels" / "segmentation-10.nii.gz")
+    touch(tmp_path / "Training Batch 2" / "volume-2.nii.gz")
+    cases, rejected = discover([tmp_path])
+    assert [(c.case, c.image.name, c.label and c.label.name) for c in cases] == [
+        ("volume-0", "volume-0.nii", "segmentation-0.nii"),
+        ("volume-2", "volume-2.nii.gz", None),
+        ("volume-10", "volume-10.nii.gz", "segmentation-10.nii.gz"),
+    ]
+    assert rejected == []
+
+
+def msd(root, with_json=True):
+    for i in (1, 3):
+        touch(root / "imagesTr" / f"liver_{i}.nii.gz")
+        touch(root / "labelsTr" / f"liver_{i}.nii.gz")
+    touch(root / "imagesTr" / "._liver_1.nii.gz")  # macOS resource fork in the MSD tarball
+    touch(root / "imagesTs" / "liver_200.nii.gz")
+    if with_json:
+        touch(root / "dataset.json", json.dumps({"training": [
+            {"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"} for i in (1, 3)],
+            "test": ["./imagesTs/liver_200.nii.gz"]}).encode())
+
+
+@pytest.mark.parametrize("with_json", [True, False], ids=["training list", "empty dataset.json"])
+def test_msd_task03_layout(tmp_path, with_json):
+    msd(tmp_path / "Task03_Liver", with_json)
+    if not with_json:  # a dataset.json without a training list: pair imagesTr/labelsTr by name
+        touch(tmp_path / "Task03_Liver" / "dataset.json", b"{}")
+    cases, _ = discover([tmp_path])
+    assert [(c.case, c.image.parent.name, c.label.parent.name) for c in cases] == [
+        ("liver_1", "imagesTr", "labelsTr"), ("liver_3", "imagesTr", "labelsTr")]
+
+
+def test_duplicate_case_ids_across_inputs_are_rejected(tmp_path):
+    for name in ("a", "b"):
+        touch(tmp_path / name / "volume-5.nii.gz")
+        touch(tmp_path / name / "segmentation-5.nii.gz")
+    cases, rejected = discover([tmp_path / "a", tmp_path / "b"])
+    assert [c.image.parent.name for c in cases] == ["a"]
+    assert rejected[0].case == "volume-5" and rejected[0].reason.startswith("duplicate case id")
+
+
+def test_unreadable_dataset_json_is_an_error(tmp_path):
+    msd(tmp_path, with_json=False)
+    touch(tmp_path / "dataset.json", b"{not json")
+    with pytest.raises(ShardgenError, match="unreadable MSD dataset.json"):
+        discover([tmp_path])
+
+
+@pytest.mark.parametrize("name, count, fractions, expected", [
+    ("ten cases", 10, (0.8, 0.1, 0.1), {"train": 8, "val": 1, "test": 1}),
+    ("few cases keep val and test", 5, (0.9, 0.05, 0.05), {"train": 3, "val": 1, "test": 1}),
+    ("no test", 10, (0.8, 0.2, 0.0), {"train": 8, "val": 2, "test": 0}),
+])
+def test_split_sizes(name, count, fractions, expected):
+    splits = assign_splits([f"c{i}" for i in range(count)], fractions, seed=0)
+    assert {s: list(splits.values()).count(s) for s in expected} == expected
+
+
+def test_split_is_deterministic_and_independent_of_input_order():
+    ids = [f"volume-{i}" for i in range(20)]
+    assert assign_splits(ids, (0.8, 0.1, 0.1), 3) == assign_splits(ids[::-1], (0.8, 0.1, 0.1), 3)
+
+
+def test_bad_fractions_are_refused():
+    with pytest.raises(ShardgenError, match="sum to 1"):
+        assign_splits(["a"], (0.5, 0.1, 0.1), 0)
