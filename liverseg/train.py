@@ -1,0 +1,377 @@
+"""The training function behind ``launch/train.py`` and the Colab notebook.
+
+Accelerate owns devices, precision, process groups and checkpoint state. Each rank streams
+its own shards and takes exactly ``config.steps`` optimizer steps; validation counts are
+summed per rank and reduced once after the validation loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from shardgen.preprocess import Preprocessing
+
+from . import __version__
+from .augment import BatchAugment
+from .config import TrainConfig
+from .data import LoaderSettings, ShardSource, open_shards, train_loader, val_loader
+from .errors import LiversegError
+from .losses import DiceCELoss
+from .metrics import confusion_matrix, dice, liver_tumour_from_matrix
+from .models import ModelSpec, create_model, export_checkpoint, unwrap_model
+
+log = logging.getLogger(__name__)
+CLASS_NAMES = ("background", "liver", "tumour")
+
+
+class TrainingDiverged(LiversegError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
+@dataclass
+class TrainState:
+    """What resuming needs beyond model/optimizer/scheduler (saved by Accelerate)."""
+
+    step: int = 0
+    best_score: float = -1.0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    best: dict[str, float]
+    last_metrics: dict[str, float]
+    skipped_steps: int
+    run_dir: Path
+    rank: int = 0
+    world: int = 1
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto": bf16 on GPUs that have it, fp16 on older GPUs (a T4), full precision on CPU."""
+    if precision != "auto":
+        return precision
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def has_unused_parameters(model: torch.nn.Module, in_channels: int) -> bool:
+    """Some smp decoders leave parameters out of the graph (measured: unet+scse, pspnet);
+    DDP must then be told, so find out with one tiny CPU pass instead of guessing."""
+    probe = torch.zeros(1, in_channels, 64, 64)
+    model.train()
+    model(probe).sum().backward()
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+def make_accelerator(config: TrainConfig, find_unused: bool) -> Accelerator:
+    project = ProjectConfiguration(project_dir=str(config.run_dir), automatic_checkpoint_naming=True,
+                                   total_limit=config.keep_checkpoints)
+    trackers = None if config.report_to == "none" else config.report_to
+    # Without a GPU, say so: Accelerate then runs processes started by torchrun (or
+    # `accelerate launch --multi_gpu`) as CPU DDP over gloo instead of independent copies.
+    no_gpu = not torch.cuda.is_available()
+    return Accelerator(cpu=no_gpu, mixed_precision=resolve_precision(config.precision),
+                       gradient_accumulation_steps=config.grad_accum, log_with=trackers,
+                       project_config=project, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then cosine decay to 1 % of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def wandb_mode() -> str:
+    """W&B online only with an API key and a reachable server; otherwise offline at once
+    (W&B itself would wait 90 s before giving up)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    if not has_key:
+        return "offline"
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=3).close()
+    except OSError:
+        return "offline"
+    return "online"
+
+
+def start_trackers(accelerator: Accelerator, config: TrainConfig) -> None:
+    if config.report_to == "none":
+        return
+    init_kwargs: dict[str, Any] = {}
+    if config.report_to == "wandb":
+        init_kwargs["wandb"] = {"mode": wandb_mode(), "dir": str(config.run_dir), "name": config.run_name}
+    flat = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            for k, v in config.to_dict().items()}
+    accelerator.init_trackers(config.project, config=flat, init_kwargs=init_kwargs)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    folders = [p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir()]
+    return max(folders, key=lambda p: int(p.name.split("_")[-1]), default=None)
+
+
+def resume_if_asked(accelerator: Accelerator, config: TrainConfig) -> None:
+    if config.resume is None:
+        return
+    path = latest_checkpoint(config.run_dir) if config.resume == "auto" else Path(config.resume)
+    if path is None:
+        accelerator.print("no checkpoint to resume from: starting at step 0")
+        return
+    if not path.is_dir():
+        raise LiversegError(f"{path}: no such checkpoint folder to resume from")
+    accelerator.load_state(str(path))
+    number = re.search(r"(\d+)$", path.name)
+    if number:  # the next automatic save must not overwrite this one
+        accelerator.project_configuration.iteration = int(number.group(1)) + 1
+    accelerator.print(f"resumed from {path}")
+
+
+def to_model_input(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, masks.to(device, non_blocking=True).long()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device: torch.device, config: TrainConfig,
+             accelerator: Accelerator) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """This rank's 3×3 confusion matrix over its validation shards (no collectives inside:
+    ranks may hold different numbers of batches), plus a few overlays from the first batch."""
+    model.eval()
+    matrix = torch.zeros(3, 3, dtype=torch.long, device=device)
+    overlays: list[np.ndarray] = []
+    for i, (images, masks) in enumerate(batches):
+        if config.val_batches is not None and i >= config.val_batches:
+            break
+        x, y = to_model_input(images, masks, device, config.channels_last)
+        with accelerator.autocast():
+            pred = model(x).argmax(1)
+        matrix += confusion_matrix(pred, y)
+        if i == 0:
+            overlays = [overlay_triplet(images[j], y[j], pred[j]) for j in range(min(4, len(y)))]
+    model.train()
+    return matrix, overlays
+
+
+def overlay_triplet(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
+    """CT | ground truth | prediction side by side, liver green and tumour red."""
+    ct = image[image.shape[0] // 2].cpu().numpy().astype(np.float32) / 255.0
+    panels = [np.repeat(ct[..., None], 3, -1)]
+    for mask in (truth.cpu().numpy(), pred.cpu().numpy()):
+        rgb = np.repeat(ct[..., None], 3, -1) * 0.6
+        rgb[mask == 1] = rgb[mask == 1] * 0.5 + np.array([0.1, 0.9, 0.2]) * 0.5
+        rgb[mask == 2] = rgb[mask == 2] * 0.5 + np.array([1.0, 0.15, 0.1]) * 0.5
+        panels.append(rgb)
+    return (np.concatenate(panels, axis=1) * 255).clip(0, 255).astype(np.uint8)
+
+
+def scores(matrix: torch.Tensor) -> dict[str, float]:
+    per_class = dice(liver_tumour_from_matrix(matrix)).tolist()
+    return {"val/dice_liver": per_class[0], "val/dice_tumour": per_class[1],
+            "val/dice_mean": float(np.mean(per_class))}
+
+
+def export(accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig, spec: ModelSpec,
+           preprocessing: Preprocessing, name: str, step: int, metrics: dict[str, float]) -> None:
+    if accelerator.is_main_process:
+        extra = {"preprocessing": preprocessing.to_dict(), "classes": list(CLASS_NAMES),
+                 "train": config.to_dict(), "step": step, "metrics": metrics,
+                 "liverseg_version": __version__}
+        export_checkpoint(unwrap_model(accelerator.unwrap_model(model)), spec,
+                          config.run_dir / name, extra)
+    accelerator.wait_for_everyone()
+
+
+class History:
+    """history.jsonl in the run folder: one JSON line per logged step (main process)."""
+
+    def __init__(self, accelerator: Accelerator, path: Path):
+        self.accelerator, self.path = accelerator, path
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def log_overlays(accelerator: Accelerator, overlays: list[np.ndarray], step: int) -> None:
+    if not overlays or not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({"val/overlays": overlays}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({"val/overlays": np.stack(overlays)}, step=step, dataformats="NHWC")
+
+
+@dataclass
+class Loop:
+    """The objects a training step needs, gathered once."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    augment: BatchAugment
+    generator: torch.Generator
+    config: TrainConfig
+
+
+def train_step(loop: Loop, batches: Iterator) -> tuple[torch.Tensor, bool, float]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns the last loss, whether
+    the step was applied, and the seconds spent waiting for data."""
+    acc, cfg = loop.accelerator, loop.config
+    waited, loss = 0.0, torch.zeros(())
+    for _ in range(cfg.grad_accum):
+        start = time.perf_counter()
+        images, masks = next(batches)
+        waited += time.perf_counter() - start
+        x, y = to_model_input(images, masks, acc.device, cfg.channels_last)
+        x, y = loop.augment(x, y, generator=loop.generator)
+        with acc.accumulate(loop.model):
+            loss = loop.loss_fn(loop.model(x), y)
+            acc.backward(loss)
+    # gradients are all-reduced, so this norm (and the decision below) is the same on every rank
+    norm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
+    finite = bool(torch.isfinite(norm))
+    if finite or acc.mixed_precision == "fp16":  # fp16: the grad scaler skips and rescales itself
+        loop.optimizer.step()
+    applied = finite and not getattr(loop.optimizer, "step_was_skipped", False)
+    if applied:
+        loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), applied, waited
+
+
+def build_loss(config: TrainConfig) -> torch.nn.Module:
+    return DiceCELoss(classes=len(CLASS_NAMES))
+
+
+def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelSpec, TrainState]:
+    source = open_shards(config.shards)
+    preprocessing = Preprocessing.from_dict(source.manifest["preprocessing"])
+    spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, len(CLASS_NAMES), config.attention)
+    model = create_model(spec.arch, spec.encoder, spec.in_channels, spec.classes,
+                         encoder_weights=config.encoder_weights, attention=spec.attention)
+    accelerator = make_accelerator(config, has_unused_parameters(model, spec.in_channels))
+    set_seed(config.seed + accelerator.process_index)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    generator = torch.Generator(device=accelerator.device)
+    loop = Loop(accelerator, model, optimizer, scheduler, build_loss(config).to(accelerator.device),
+                BatchAugment(config.augment), generator, config)
+    return loop, source, preprocessing, spec, state
+
+
+def validate(loop: Loop, source: ShardSource, preprocessing: Preprocessing, step: int
+             ) -> tuple[dict[str, float], list[np.ndarray]]:
+    acc, cfg = loop.accelerator, loop.config
+    batches = val_loader(source, preprocessing.context, cfg.batch_size, acc.process_index,
+                         acc.num_processes, workers=min(cfg.workers, 2))
+    matrix, overlays = evaluate(unwrap_model(acc.unwrap_model(loop.model)), batches, acc.device, cfg, acc)
+    matrix = acc.reduce(matrix, reduction="sum")  # the one collective of a validation
+    return scores(matrix), overlays
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train, validating every ``val_every`` steps, saving resumable state every
+    ``save_every`` steps, and exporting ``best/`` and ``last/`` checkpoints."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    loop, source, preprocessing, spec, state = setup(config)
+    acc = loop.accelerator
+    resume_if_asked(acc, config)
+    start = state.step
+    loop.generator.manual_seed(config.seed * 1000 + acc.process_index + 7 * start)
+    start_trackers(acc, config)
+    settings = LoaderSettings(config.batch_size, config.workers, config.shuffle_buffer,
+                              config.oversample_tumour, config.seed)
+    batches = iter(train_loader(source, preprocessing.context, settings, acc.process_index,
+                                acc.num_processes, start_step=start))
+    history = History(acc, config.run_dir / "history.jsonl")
+    metrics: dict[str, float] = {}
+    best: dict[str, float] = {}
+    in_a_row, waited, busy, last_logged = 0, 0.0, 0.0, start
+    bar = tqdm(total=config.steps, initial=start, disable=not acc.is_main_process, desc="training")
+    for step in range(start + 1, config.steps + 1):
+        tick = time.perf_counter()
+        loss, applied, wait = train_step(loop, batches)
+        busy += time.perf_counter() - tick
+        waited += wait
+        in_a_row = 0 if applied else in_a_row + 1
+        state.skipped_steps += 0 if applied else 1
+        if in_a_row >= config.max_nonfinite:
+            raise TrainingDiverged(f"{in_a_row} steps in a row had non-finite loss or gradients "
+                                   f"(at step {step}); lower --lr, or use --precision bf16")
+        state.step = step
+        bar.update()
+        if step % config.log_every == 0 or step == config.steps:
+            samples = (step - last_logged) * config.batch_size * config.grad_accum * acc.num_processes
+            history.log({"train/loss": float(loss), "train/lr": loop.scheduler.get_last_lr()[0],
+                         "train/samples_per_s": samples / busy, "train/data_wait_fraction": waited / busy,
+                         "train/skipped_steps": state.skipped_steps}, step)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            waited, busy, last_logged = 0.0, 0.0, step
+        if step % config.val_every == 0 or step == config.steps:
+            metrics, overlays = validate(loop, source, preprocessing, step)
+            history.log(metrics, step)
+            log_overlays(acc, overlays, step)
+            if metrics["val/dice_mean"] > state.best_score:
+                state.best_score, best = metrics["val/dice_mean"], {**metrics, "step": step}
+                export(acc, loop.model, config, spec, preprocessing, "best", step, metrics)
+        if step % config.save_every == 0 or step == config.steps:
+            acc.save_state()
+    bar.close()
+    export(acc, loop.model, config, spec, preprocessing, "last", state.step, metrics)
+    acc.end_training()
+    return TrainResult(state.step, best, metrics, state.skipped_steps, config.run_dir,
+                       acc.process_index, acc.num_processes)

@@ -1,0 +1,131 @@
+"""Training on CPU at tiny sizes: checkpoints, resume, two processes, W&B offline, divergence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from liverseg import train as train_module
+from liverseg.config import TrainConfig, load_config
+from liverseg.errors import ConfigError
+from liverseg.models import load_checkpoint
+from liverseg.train import TrainingDiverged, lr_lambda, train
+from shardgen.build import BuildConfig, build_shards
+from shardgen.manifest import read_manifest
+from shardgen.preprocess import Preprocessing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-shards")
+    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
+                             fractions=(0.5, 0.5, 0.0)))
+    return out
+
+
+def tiny(shards, out, **changes) -> TrainConfig:
+    settings = dict(shards=str(shards), out=str(out), encoder="resnet18", steps=3, batch_size=2,
+                    val_every=3, save_every=3, log_every=1, workers=0, shuffle_buffer=8, warmup_steps=2)
+    return TrainConfig(**{**settings, **changes})
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["unet", "resunet"])
+def test_tiny_training_exports_loadable_checkpoints(shards, tmp_path, arch):
+    result = train(tiny(shards, tmp_path, arch=arch))
+    assert result.step == 3 and set(result.last_metrics) >= {"val/dice_liver", "val/dice_tumour"}
+    for name in ("best", "last"):
+        model, config = load_checkpoint(tmp_path / name)
+        assert config["model"]["arch"] == arch and config["model"]["in_channels"] == 3
+        assert config["preprocessing"] == read_manifest(shards)["preprocessing"]
+        assert config["train"]["encoder"] == "resnet18" and "val/dice_mean" in config["metrics"]
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    steps = [h["step"] for h in history(tmp_path) if "train/loss" in h]
+    assert steps == [1, 2, 3]
+
+
+def test_resume_continues_the_step_count_and_the_schedule(shards, tmp_path):
+    train(tiny(shards, tmp_path, steps=2, save_every=2, val_every=2))
+    config = tiny(shards, tmp_path, steps=4, save_every=2, val_every=2, resume="auto")
+    result = train(config)
+    logged = [h for h in history(tmp_path) if "train/lr" in h]
+    assert result.step == 4 and [h["step"] for h in logged] == [1, 2, 3, 4]
+    assert logged[-1]["train/lr"] == pytest.approx(config.lr * lr_lambda(config)(4))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
+
+
+@pytest.mark.timeout(400)
+def test_two_cpu_processes_on_uneven_shards_end_at_the_same_step(shards, tmp_path):
+    sizes = {s["targets"] for s in read_manifest(shards)["shards"] if s["split"] == "train"}
+    assert len(sizes) > 1, "the shards should differ in size for this test to mean something"
+    command = ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+               "--num_processes", "2", str(ROOT / "launch" / "train.py"), "--shards", str(shards),
+               "--out", str(tmp_path), "--encoder", "resnet18", "--steps", "5", "--batch-size", "3",
+               "--val-every", "5", "--save-every", "5", "--workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=360)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/2 finished at step 5" in done.stdout and "rank 1/2 finished at step 5" in done.stdout
+
+
+def test_wandb_without_a_key_runs_offline_and_records_metrics(shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    train(tiny(shards, tmp_path / "run", steps=2, val_every=2, save_every=2, report_to="wandb"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, "no offline W&B run was written"
+    # the run file holds each history item as its key and JSON value: look for ours
+    raw = runs[0].read_bytes()
+    logged = {k: v for h in history(tmp_path / "run") for k, v in h.items() if k != "step"}
+    for key in ("val/dice_liver", "val/dice_tumour", "train/loss", "train/lr"):
+        assert key.encode() in raw and json.dumps(logged[key]).encode() in raw, key
+    assert list(runs[0].parent.glob("files/media/images/val/overlays_*.png"))
+
+
+class NaNLoss(torch.nn.Module):
+    def forward(self, logits, target):
+        return logits.sum() * float("nan")
+
+
+def test_non_finite_steps_are_skipped_then_abort(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "build_loss", lambda config: NaNLoss())
+    with pytest.raises(TrainingDiverged, match="2 steps in a row had non-finite"):
+        train(tiny(shards, tmp_path, steps=5, max_nonfinite=2))
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("shards: s\nout: o\narch: resunet\nsteps: 50\naugment: {flip_lr: 0.0}\n")
+    config = load_config(path, steps=70, lr=None)
+    assert (config.arch, config.steps, config.augment.flip_lr) == ("resunet", 70, 0.0)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("unknown setting", "shards: s\nout: o\nepochs: 3\n", "unknown training settings ['epochs']"),
+    ("missing shards", "out: o\n", "missing required settings ['shards']"),
+    ("bad precision", "shards: s\nout: o\nprecision: fp8\n", "precision must be one of"),
+    ("not a mapping", "- a\n- b\n", "must be a mapping"),
+])
+def test_bad_config_is_one_line(tmp_path, name, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(path)
+
+
+def test_cli_reports_a_missing_shard_folder_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--shards",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot read manifest" in done.stderr
