@@ -173,11 +173,7 @@ def read(work: Path | None, context: int) -> None:
     from shardgen.manifest import read_manifest
 
     work = work or Path(tempfile.gettempdir()) / "liverseg-bench"
-    gz, _ = phantom_inputs(work, 2, 300, 512)
-    out = work / f"read-shards-{context}"
-    if not (out / "manifest.json").exists():
-        build_shards(BuildConfig(inputs=(gz,), out=out, preprocessing=Preprocessing(context=context),
-                                 fractions=(1.0, 0.0, 0.0)))
+    out = benchmark_shards(work, context)
     manifest = read_manifest(out)
     urls = [str(out / s["path"]) for s in manifest["shards"]]
     best = 0.0
@@ -191,6 +187,43 @@ def read(work: Path | None, context: int) -> None:
     print(f"# read, {date.today()}, {machine()}")
     print(f"512x512, context {context}: {best:.0f} training samples/s in one process "
           f"({n} targets), {kb:.1f} KB of shard per stored slice")
+
+
+def benchmark_shards(work: Path, context: int) -> Path:
+    """Shards of the 512 phantom cases (built once, cached in ``work``)."""
+    gz, _ = phantom_inputs(work, 2, 300, 512)
+    out = work / f"read-shards-{context}"
+    if not (out / "manifest.json").exists():
+        build_shards(BuildConfig(inputs=(gz,), out=out, preprocessing=Preprocessing(context=context),
+                                 fractions=(1.0, 0.0, 0.0)))
+    return out
+
+
+@main.command()
+@click.option("--work", type=click.Path(path_type=Path), default=None)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--samples", default=3000, show_default=True, help="Samples timed (after a warm-up batch).")
+def loader(work: Path | None, batch_size: int, samples: int) -> None:
+    """Training samples/s on ONE core through the real training loader (liverseg.data):
+    tar reading, decoding, 2.5D stacking, shuffle buffer, batching into uint8 tensors."""
+    import itertools
+
+    import torch
+
+    from liverseg.data import LoaderSettings, open_shards, train_loader
+
+    torch.set_num_threads(1)
+    work = work or Path(tempfile.gettempdir()) / "liverseg-bench"
+    source = open_shards(benchmark_shards(work, 1))
+    settings = LoaderSettings(batch_size=batch_size, workers=0, shuffle_buffer=1000)
+    batches = iter(train_loader(source, 1, settings))
+    images, _ = next(batches)
+    start = time.perf_counter()
+    n = sum(len(b[0]) for b in itertools.islice(batches, samples // batch_size))
+    rate = n / (time.perf_counter() - start)
+    print(f"# loader, {date.today()}, {machine()}")
+    print(f"512x512, {images.shape[1]} channels, batch {batch_size}, shuffle buffer 1000, "
+          f"workers 0 (this process only): {rate:.0f} training samples/s on one core")
 
 
 if __name__ == "__main__":

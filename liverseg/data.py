@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 
 from shardgen.errors import ShardgenError
-from shardgen.format import decode_sample, stack_stream
+from shardgen.format import context_stream, decode_sample, read_samples
 from shardgen.manifest import MANIFEST, parse_manifest, read_manifest
 
 from .errors import ConfigError
@@ -84,6 +84,19 @@ def _run_pipe(command: str) -> str:
     return result.stdout
 
 
+def shard_samples(sources: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    """Open each shard URL with WebDataset's opener (files, pipe:, http) and read its
+    samples with shardgen's reader (5x faster than the generic tar parsing)."""
+    for source in wds.tariterators.url_opener(sources):
+        stream = source["stream"]
+        try:
+            yield from read_samples(stream)
+        except ValueError as exc:
+            raise ValueError(f"{source['url']}: {exc}") from None
+        finally:
+            stream.close()
+
+
 def worker_position() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -112,24 +125,41 @@ def split_shards(urls: list[str], rank: int, world: int) -> Iterator[dict[str, s
 
 
 def training_samples(source: Iterator[dict[str, Any]], context: int, oversample_tumour: float,
-                     seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(stack uint8 (C, H, W), mask uint8 (H, W)) pairs of the target slices, built before
-    any shuffling (stacks need z order). Tumour slices are repeated on average
+                     seed: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """(channel slices [uint8 (H, W)] * C, mask uint8 (H, W)) of the target slices, built
+    before any shuffling (stacks need z order). Tumour slices are repeated on average
     1 + ``oversample_tumour`` times."""
     rng = np.random.default_rng([seed, *worker_position()])
     decoded = (decode_sample(s) for s in source)
-    for sample, stack in stack_stream(decoded, context):
+    for sample, channels in context_stream(decoded, context):
         repeats = 1
         if sample.tumour and oversample_tumour > 0:
             repeats += int(oversample_tumour) + int(rng.random() < oversample_tumour % 1)
         for _ in range(repeats):
-            yield stack, sample.mask
+            yield channels, sample.mask
 
 
-def collate(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 tensors (B, C, H, W) and (B, H, W); conversion to float happens on the device."""
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
-    masks = torch.from_numpy(np.stack([b[1] for b in batch]))
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor; in a loader worker, allocated in shared memory, so handing
+    the batch to the training process costs no further copy (as torch's own collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel)
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def collate(batch: list[tuple[list[np.ndarray], np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 tensors (B, C, H, W) and (B, H, W), each slice copied once; conversion to
+    float happens on the device."""
+    channels, mask = batch[0]
+    images = batch_tensor((len(batch), len(channels), *mask.shape))
+    masks = batch_tensor((len(batch), *mask.shape))
+    image_view, mask_view = images.numpy(), masks.numpy()
+    for i, (channels, mask) in enumerate(batch):
+        for c, plane in enumerate(channels):
+            image_view[i, c] = plane
+        mask_view[i] = mask
     return images, masks
 
 
@@ -155,7 +185,7 @@ def train_loader(source: ShardSource, context: int, settings: LoaderSettings, ra
         raise ConfigError(f"{source.location}: the manifest lists no training shards")
     pipeline = wds.DataPipeline(
         functools.partial(deal_shards, urls, rank, world, settings.seed, start_step),
-        wds.tarfile_to_samples(),
+        shard_samples,
         _stage(training_samples, context, settings.oversample_tumour, settings.seed + start_step),
         wds.shuffle(settings.shuffle_buffer, initial=min(settings.shuffle_buffer, 100),
                     seed=settings.seed + 7919 * rank + start_step),
@@ -170,7 +200,7 @@ def val_loader(source: ShardSource, context: int, batch_size: int, rank: int = 0
     urls = source.urls(split)
     pipeline = wds.DataPipeline(
         functools.partial(split_shards, urls, rank, world),
-        wds.tarfile_to_samples(),
+        shard_samples,
         _stage(training_samples, context, 0.0, 0),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )

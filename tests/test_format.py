@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import numpy as np
@@ -10,7 +11,7 @@ import webdataset as wds
 import zstandard
 
 from shardgen.build import with_context
-from shardgen.format import (ShardWriter, decode_sample, encode_sample, member_header, read_shard,
+from shardgen.format import (ShardWriter, decode_sample, encode_sample, member_header, read_members, read_shard,
                              sample_key, stack_stream)
 from shardgen.preprocess import stack_context
 
@@ -65,6 +66,31 @@ def test_member_headers_equal_the_standard_librarys(name, size):
     info.size, info.mtime, info.mode = size, 0, 0o444
     info.uname = info.gname = "liverseg"
     assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_member_reader_agrees_with_tarfile_on_a_foreign_tar(tmp_path):
+    path = tmp_path / "foreign.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(tmp_path, arcname="somedir", recursive=False)  # a directory entry: skipped
+        for name, data in (("somedir/a.image.zst", b"x" * 700), ("somedir/a.meta.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        ours = list(read_members(f))
+    assert ours == [("somedir/a.image.zst", b"x" * 700), ("somedir/a.meta.json", b"{}")]
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("truncated inside a member", lambda b: b[:700], "ends inside member"),
+    ("truncated inside a header", lambda b: b[:300], "ends inside a header"),
+    ("flipped byte in a header", lambda b: b[:10] + b"#" + b[11:], "checksum mismatch"),
+])
+def test_member_reader_refuses_damaged_tars(tmp_path, name, damage, message):
+    images, masks = volume(depth=2)
+    write(tmp_path / "a.tar", "c0", images, masks, range(2), {0})
+    with pytest.raises(ValueError, match=message):
+        list(read_members(io.BytesIO(damage((tmp_path / "a.tar").read_bytes()))))
 
 
 def test_shard_bytes_are_deterministic(tmp_path):
