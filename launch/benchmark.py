@@ -226,5 +226,82 @@ def loader(work: Path | None, batch_size: int, samples: int) -> None:
           f"workers 0 (this process only): {rate:.0f} training samples/s on one core")
 
 
+def train_rate(model, optimizer, loss_fn, batches, steps: int, device, augment=None,
+               warmup: int = 5) -> float:
+    """Training images/s over ``steps`` steps of ``batches`` (after ``warmup`` steps)."""
+    import torch
+
+    from liverseg.train import to_model_input
+
+    def step(images, masks):
+        x, y = to_model_input(images, masks, device, channels_last=True)
+        if augment is not None:
+            x, y = augment(x, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return len(x)
+
+    for _ in range(warmup):
+        step(*next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += step(*next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+@main.command()
+@click.option("--work", type=click.Path(path_type=Path), default=None)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--steps", default=50, show_default=True)
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True)
+@click.option("--warmup", default=5, show_default=True, help="Untimed steps before each measurement.")
+@click.option("--encoder", default="resnet34", show_default=True)
+@click.option("--device", default="cuda", show_default=True, help="cpu only to check the script itself.")
+def gpu(work: Path | None, batch_size: int, steps: int, workers: int, warmup: int, encoder: str,
+        device: str) -> None:
+    """Training throughput with the real loader vs. the same model on synthetic tensors
+    already on the GPU (Unet, 512x512x3, bf16 autocast, channels_last, AdamW), in one run.
+
+    Check the script on a CPU with e.g. --device cpu --encoder resnet18 --batch-size 2
+    --steps 1 --warmup 1 (the rates then mean nothing)."""
+    import itertools
+
+    import torch
+
+    from liverseg.augment import BatchAugment
+    from liverseg.data import LoaderSettings, open_shards, train_loader
+    from liverseg.losses import DiceCELoss
+    from liverseg.models import create_model
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("no CUDA device here (use --device cpu only to test the script)")
+    work = work or Path(tempfile.gettempdir()) / "liverseg-bench"
+    source = open_shards(benchmark_shards(work, 1))
+    model = create_model("unet", encoder, 3, 3).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = DiceCELoss()
+    x = torch.randint(0, 256, (batch_size, 3, 512, 512), dtype=torch.uint8)
+    y = torch.randint(0, 3, (batch_size, 512, 512), dtype=torch.uint8)
+    x, y = x.to(device), y.to(device)  # already on the device: to_model_input only converts
+    synthetic = train_rate(model, optimizer, loss_fn, itertools.repeat((x, y)), steps, device,
+                           warmup=warmup)
+    settings = LoaderSettings(batch_size=batch_size, workers=workers, shuffle_buffer=1000)
+    real = train_rate(model, optimizer, loss_fn, iter(train_loader(source, 1, settings)), steps,
+                      device, BatchAugment(), warmup=warmup)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# gpu, {date.today()}, {name}, torch {torch.__version__}, unet {encoder}, "
+          f"batch {batch_size}, {workers} loader workers")
+    print(f"synthetic tensors on the device: {synthetic:.3g} img/s; real loader + augmentation: "
+          f"{real:.3g} img/s ({100 * real / synthetic:.0f} %)")
+
+
 if __name__ == "__main__":
     sys.exit(main())
