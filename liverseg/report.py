@@ -1,0 +1,469 @@
+"""The evaluation's outputs for people: metrics.csv, bar charts, slice panels, one
+self-contained report.html and, optionally, a W&B run. No torch here.
+
+Figures are built as ``matplotlib.figure.Figure`` on an Agg canvas rather than through
+pyplot, so nothing global (the backend, pyplot's figure registry) is touched and the
+functions are safe to call from threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap, to_rgba
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+METRICS = ("dice", "iou", "accuracy", "precision", "recall", "voe", "rvd", "assd", "mssd", "hd95")
+CSV_COLUMNS = ("case", "variant", "class", *METRICS, "seconds")
+NUMERIC_COLUMNS = frozenset((*METRICS, "seconds"))
+CLASSES = ("liver", "tumour")
+UNITS = {"assd": "mm", "mssd": "mm", "hd95": "mm"}
+CLASS_COLOURS = {"liver": "#2ca02c", "tumour": "#d62728"}
+LABEL_CMAP = ListedColormap(["black", CLASS_COLOURS["liver"], CLASS_COLOURS["tumour"]])
+DPI = 100
+NA = "–"
+
+
+# ---------------------------------------------------------------- small helpers
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(float(value))
+
+
+def as_float(value: Any) -> float:
+    """A number, or NaN for anything missing or not a number."""
+    return float(value) if is_number(value) else math.nan
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]...``, or None where any level is missing."""
+    for key in keys:
+        if not isinstance(data, Mapping) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def variant_order(summary: Mapping, rows: Iterable[Mapping]) -> list[str]:
+    """Variants in the order given: the summary's first, then any only seen in rows."""
+    names = list(dig(summary, "variants") or {})
+    return names + [v for v in dict.fromkeys(str(r["variant"]) for r in rows) if v not in names]
+
+
+def case_order(rows: Iterable[Mapping]) -> list[str]:
+    return list(dict.fromkeys(str(r["case"]) for r in rows))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, metadata=metadata)
+    return path
+
+
+# ---------------------------------------------------------------- CSV
+
+def write_csv(rows: Sequence[Mapping], path: Path) -> None:
+    """metrics.csv: one line per case x variant x class, columns ``CSV_COLUMNS``.
+    Numbers are written exactly (``repr``); an undefined metric (NaN), a missing one or
+    None is written as ``nan``, which ``float()`` reads back; other keys are left out."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="nan", extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: repr(as_float(v)) if k in NUMERIC_COLUMNS else v for k, v in row.items()})
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- charts
+
+Series = tuple[str, Sequence[float], "Sequence[float] | None", Any]  # label, heights, errors, colour
+
+
+def grouped_bars(ax, groups: Sequence[str], series: Sequence[Series], mark_missing: bool = True) -> list[Patch]:
+    """One group of bars per entry of ``groups``, one bar per series (label, heights,
+    errors or None, colour). NaN heights are skipped and, if asked, marked "n/a".
+    Returns legend handles: a series with no bar at all still gets its own colour."""
+    x = np.arange(len(groups), dtype=float)
+    width = 0.8 / max(len(series), 1)
+    for i, (label, heights, errors, colour) in enumerate(series):
+        pos = x - 0.4 + width * (i + 0.5)
+        h = np.array([as_float(v) for v in heights])
+        ok = np.isfinite(h)
+        yerr = None
+        if errors is not None:
+            yerr = np.nan_to_num(np.array([as_float(e) for e in errors])[ok], nan=0.0)
+        ax.bar(pos[ok], h[ok], width, yerr=yerr, capsize=3 if yerr is not None else 0,
+               color=colour, label=label)
+        if mark_missing:
+            for p in pos[~ok]:
+                ax.text(p, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="grey",
+                        clip_on=True)
+    ax.set_xlim(-0.6, len(groups) - 0.4)  # all-NaN data would otherwise leave the limits collapsed
+    crowded = len(groups) > 3
+    ax.set_xticks(x, [str(g) for g in groups], rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.grid(axis="y", alpha=0.3)
+    return [Patch(color=colour, label=label) for label, _, _, colour in series]
+
+
+def variant_colours(variants: Sequence[str]) -> dict[str, Any]:
+    cmap = colormaps["tab10"]
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def metric_chart(summary: Mapping, variants: Sequence[str], metric: str, path: Path) -> Path:
+    """Mean ± std of one metric over cases, liver and tumour bars side by side per variant."""
+    fig = new_figure(max(6.0, 1.4 * len(variants) + 2.5), 4.5)
+    ax = fig.add_subplot()
+    series = [(cls, [as_float(dig(summary, "variants", v, cls, metric, "mean")) for v in variants],
+               [as_float(dig(summary, "variants", v, cls, metric, "std")) for v in variants],
+               CLASS_COLOURS[cls]) for cls in CLASSES]
+    handles = grouped_bars(ax, variants, series)
+    ax.set_title(f"{metric}: mean ± std over cases")
+    ax.set_ylabel(f"{metric} ({UNITS[metric]})" if metric in UNITS else metric)
+    ax.legend(handles=handles, fontsize=8)
+    return save_figure(fig, path)
+
+
+def per_case_dice_chart(rows: Sequence[Mapping], variants: Sequence[str], path: Path) -> Path:
+    """Dice of every case, one bar per variant, one panel per class."""
+    cases = case_order(rows)
+    dice = {(str(r["case"]), str(r["variant"]), r["class"]): as_float(r.get("dice")) for r in rows}
+    width = min(24.0, max(8.0, 1.5 + len(cases) * (0.12 * len(variants) + 0.15)))
+    fig = new_figure(width, 7.5)
+    colours = variant_colours(variants)
+    for i, cls in enumerate(CLASSES):
+        ax = fig.add_subplot(len(CLASSES), 1, i + 1)
+        series = [(v, [dice.get((c, v, cls), math.nan) for c in cases], None, colours[v]) for v in variants]
+        handles = grouped_bars(ax, cases, series, mark_missing=False)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"{cls} Dice")
+        ax.tick_params(axis="x", labelsize=7 if len(cases) > 20 else 9)
+        if i == 0:
+            ax.set_title("Dice per case (no bar: 0 or undefined)")
+            ax.legend(handles=handles, fontsize=8, ncols=min(len(variants), 5))
+    return save_figure(fig, path)
+
+
+def detection_chart(summary: Mapping, variants: Sequence[str], path: Path) -> Path | None:
+    """Tumour detection recall by lesion size, one bar per variant; None without size bins."""
+    by_size = {v: dig(summary, "variants", v, "detection", "by_size") or [] for v in variants}
+    bins = list(dict.fromkeys(str(b["bin"]) for v in variants for b in by_size[v]))
+    if not bins:
+        return None
+    fig = new_figure(max(6.0, 1.2 * len(bins) * max(len(variants), 2) / 2 + 2.5), 4.5)
+    ax = fig.add_subplot()
+    colours = variant_colours(variants)
+    lookup = {(v, str(b["bin"])): b for v in variants for b in by_size[v]}
+    series = [(v, [as_float(dig(lookup.get((v, b)), "recall")) for b in bins], None, colours[v]) for v in variants]
+    # the lesion count is the ground truth's, the same for every variant
+    lesions = {b: e.get("lesions") for (_, b), e in reversed(lookup.items())}
+    labels = [f"{b}\n({lesions[b]} lesions)" if lesions.get(b) is not None else b for b in bins]
+    handles = grouped_bars(ax, labels, series)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("lesion recall")
+    ax.set_title("tumour detection recall by lesion size")
+    ax.legend(handles=handles, fontsize=8)
+    return save_figure(fig, path)
+
+
+def write_charts(rows: Sequence[Mapping], summary: Mapping, out_dir: Path) -> list[Path]:
+    """PNG charts in ``out_dir``: ``metric-<name>.png`` for each of ``METRICS``, then
+    ``dice-per-case.png`` and, when the summary has lesion size bins, ``detection-by-size.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants = variant_order(summary, rows)
+    charts = [metric_chart(summary, variants, m, out_dir / f"metric-{m}.png") for m in METRICS]
+    if rows:
+        charts.append(per_case_dice_chart(rows, variants, out_dir / "dice-per-case.png"))
+    detection = detection_chart(summary, variants, out_dir / "detection-by-size.png")
+    return charts + ([detection] if detection else [])
+
+
+# ---------------------------------------------------------------- panels
+
+def prediction_fill(pred: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """An RGBA image: predicted liver green, predicted tumour red, the rest transparent."""
+    rgba = np.zeros((*pred.shape, 4), np.float32)
+    for label, cls in ((1, "liver"), (2, "tumour")):
+        rgba[pred == label] = to_rgba(CLASS_COLOURS[cls], alpha)
+    return rgba
+
+
+def outline(ax, mask: np.ndarray, colour: str) -> None:
+    if mask.any() and not mask.all():  # contour() warns on a constant image
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
+
+
+def write_panel(panel: Mapping, path: Path) -> Path:
+    """One PNG, four images side by side: CT in its window | truth | prediction | CT with the
+    true outlines and the prediction filled in. ``panel["case"]``, if given, is stored in the
+    PNG's text metadata so ``log_wandb`` can put the panel next to that case."""
+    ct, truth, pred = (np.asarray(panel[k]) for k in ("ct", "truth", "pred"))
+    lo, hi = panel["window"]
+    height, width = ct.shape
+    side = 3.6
+    fig = new_figure(4 * side * width / height + 0.4, side + 1.1)
+    axes = fig.subplots(1, 4)
+    grey = {"cmap": "gray", "vmin": lo, "vmax": hi, "interpolation": "nearest"}
+    labels = {"cmap": LABEL_CMAP, "vmin": 0, "vmax": 2, "interpolation": "nearest"}
+    axes[0].imshow(ct, **grey)
+    axes[1].imshow(truth, **labels)
+    axes[2].imshow(pred, **labels)
+    axes[3].imshow(ct, **grey)
+    axes[3].imshow(prediction_fill(pred), interpolation="nearest")
+    outline(axes[3], truth >= 1, CLASS_COLOURS["liver"])
+    outline(axes[3], truth == 2, CLASS_COLOURS["tumour"])
+    for ax, name in zip(axes, ("CT", "ground truth", "prediction", "overlay")):
+        ax.set_title(name, fontsize=10)
+        ax.set_axis_off()
+    fig.suptitle(str(panel.get("title", "")), fontsize=11)
+    fig.legend(handles=panel_legend(), loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    metadata = {"Title": str(panel.get("title", ""))}
+    if panel.get("case") is not None:
+        metadata["Case"] = str(panel["case"])
+    return save_figure(fig, Path(path), metadata)
+
+
+def panel_legend() -> list:
+    return [Patch(color=CLASS_COLOURS["liver"], alpha=0.6, label="liver (predicted, filled)"),
+            Patch(color=CLASS_COLOURS["tumour"], alpha=0.6, label="tumour (predicted, filled)"),
+            Line2D([], [], color=CLASS_COLOURS["liver"], label="liver (truth, outline)"),
+            Line2D([], [], color=CLASS_COLOURS["tumour"], label="tumour (truth, outline)")]
+
+
+# ---------------------------------------------------------------- HTML
+
+def fmt(value: Any) -> str:
+    """A table cell: NaN/None as "–", integers as such, floats to 3 decimals."""
+    if value is None or (is_number(value) and not math.isfinite(float(value))):
+        return NA
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    if is_number(value):
+        v = float(value)
+        return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.4g}"
+    return str(value)
+
+
+def mean_std(stats: Any) -> str:
+    mean, std = dig(stats, "mean"), dig(stats, "std")
+    if not finite(mean):
+        return NA
+    return fmt(mean) + (f" ± {fmt(std)}" if finite(std) else "")
+
+
+def table(header: Sequence[str], body: Iterable[Sequence[Any]], cls: str = "") -> str:
+    """An HTML table; every cell goes through ``fmt`` and ``html.escape``."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>\n"
+                   for row in body)
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>\n{rows}</tbody></table>\n"
+
+
+def class_table(summary: Mapping, variants: Sequence[str], cls: str) -> str:
+    header = ["variant", "global Dice", *(f"{m} (mean ± std)" for m in METRICS)]
+    body = [[v, dig(summary, "variants", v, cls, "dice_global"),
+             *(mean_std(dig(summary, "variants", v, cls, m)) for m in METRICS)] for v in variants]
+    return table(header, body)
+
+
+def detection_table(summary: Mapping, variants: Sequence[str]) -> str:
+    bins = list(dict.fromkeys(str(b["bin"]) for v in variants
+                              for b in dig(summary, "variants", v, "detection", "by_size") or []))
+    keys = ("tp", "fp", "fn", "precision", "recall", "lesion_dice_mean")
+    header = ["variant", *keys, *(f"recall {b}" for b in bins), "burden RMSE", "burden max"]
+    body = []
+    for v in variants:
+        det = dig(summary, "variants", v, "detection") or {}
+        size = {str(b["bin"]): b for b in det.get("by_size") or []}
+        body.append([v, *(det.get(k) for k in keys), *(size_cell(size.get(b)) for b in bins),
+                     dig(summary, "variants", v, "burden", "rmse"), dig(summary, "variants", v, "burden", "max")])
+    return table(header, body)
+
+
+def size_cell(entry: Mapping | None) -> str:
+    if entry is None:
+        return NA
+    return f"{fmt(entry.get('recall'))} ({fmt(entry.get('detected'))}/{fmt(entry.get('lesions'))})"
+
+
+def image_figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")
+
+
+def json_block(data: Any) -> str:
+    text = json.dumps(data, indent=2, default=str, ensure_ascii=False)
+    return f"<pre>{html.escape(text)}</pre>\n"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f2f2f2}
+td:first-child,th:first-child{text-align:left}
+img{max-width:100%;height:auto}figure{margin:1em 0}pre{background:#f7f7f7;padding:.8em;overflow:auto}"""
+
+
+def html_sections(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Path],
+                  panels: Sequence[Path]) -> list[str]:
+    variants = variant_order(summary, rows)
+    failed = summary.get("failed") or []
+    parts = [f"<p>{html.escape(fmt(summary.get('cases')))} cases evaluated, {len(failed)} failed; "
+             f"variants: {html.escape(', '.join(variants))}.</p>\n"]
+    for cls in CLASSES:
+        parts += [f"<h2>{cls}</h2>\n", class_table(summary, variants, cls)]
+    parts += ["<h2>tumour detection and burden</h2>\n", detection_table(summary, variants)]
+    parts += ["<h2>failed cases</h2>\n",
+              table(["case", "error"], [[f.get("case"), f.get("error")] for f in failed]) if failed
+              else "<p>none</p>\n"]
+    timings = summary.get("timings") or {}
+    parts += ["<h2>timings</h2>\n", table(["what", "value"], list(timings.items()))]
+    parts += ["<h2>charts</h2>\n", *(image_figure(p, Path(p).stem) for p in charts)]
+    parts += ["<h2>panels</h2>\n", *(image_figure(p, Path(p).stem) for p in panels)]
+    parts += ["<h2>per case</h2>\n<details><summary>every case, variant and class</summary>\n",
+              table(CSV_COLUMNS, [[r.get(k) for k in CSV_COLUMNS] for r in rows], "cases"), "</details>\n"]
+    shown = {"variants", "cases", "failed", "timings", "config"}
+    parts += ["<h2>config</h2>\n", json_block(summary.get("config", {}))]
+    rest = {k: v for k, v in summary.items() if k not in shown}
+    if rest:
+        parts += ["<h2>run</h2>\n", json_block(rest)]
+    return parts
+
+
+def write_html(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Path], panels: Sequence[Path],
+               path: Path, title: str = "liverseg evaluation") -> Path:
+    """One self-contained report.html: tables, charts and panels (PNG as base64 data URIs),
+    no scripts, no external files. All text is escaped; NaN shows as "–"."""
+    body = "".join(html_sections(summary, rows, charts, panels))
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
+            f"<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n")
+    path = Path(path)
+    write_atomic(path, page.encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------- W&B
+
+def flatten_summary(summary: Mapping) -> dict[str, float]:
+    """Scalars of the summary as W&B keys: "ensemble/liver/dice_mean",
+    "ensemble/liver/dice_global", "ensemble/detection/recall",
+    "ensemble/detection/recall_<10 mm", "ensemble/burden/rmse", "timings/<key>", "cases", "failed"."""
+    flat: dict[str, float] = {}
+    for variant, groups in (summary.get("variants") or {}).items():
+        for group, values in (groups or {}).items():
+            for key, value in (values.items() if isinstance(values, Mapping) else ()):
+                flat.update(flatten_value(f"{variant}/{group}", key, value))
+    flat.update({f"timings/{k}": float(v) for k, v in (summary.get("timings") or {}).items() if is_number(v)})
+    flat["cases"] = as_float(summary.get("cases"))
+    flat["failed"] = float(len(summary.get("failed") or []))
+    return flat
+
+
+def flatten_value(prefix: str, key: str, value: Any) -> dict[str, float]:
+    if isinstance(value, Mapping):  # {"mean", "std", ...} of one metric
+        return {f"{prefix}/{key}_{s}": float(v) for s, v in value.items() if is_number(v)}
+    if key == "by_size":
+        return {f"{prefix}/recall_{b['bin']}": as_float(b.get("recall")) for b in value}
+    return {f"{prefix}/{key}": float(value)} if is_number(value) else {}
+
+
+def slug(text: str) -> str:
+    return "-".join(re.findall(r"[a-z0-9]+", str(text).lower()))
+
+
+def panel_text(path: Path) -> dict[str, str]:
+    from PIL import Image  # pillow comes with matplotlib
+
+    with Image.open(path) as image:
+        return {k: str(v) for k, v in getattr(image, "text", {}).items()}
+
+
+def panels_by_case(panels: Sequence[Path], cases: Sequence[str]) -> dict[str, Path]:
+    """The first panel of each case: by the "Case" stored by ``write_panel``, else by the case
+    name appearing, as whole words, in the panel's title or file name (longest name wins)."""
+    found: dict[str, Path] = {}
+    for path in panels:
+        text = panel_text(Path(path))
+        case = text.get("Case")
+        if case not in cases:
+            words = f"-{slug(text.get('Title') or Path(path).stem)}-"
+            matches = [c for c in cases if slug(c) and f"-{slug(c)}-" in words]
+            case = max(matches, key=len, default=None)
+        if case is not None:
+            found.setdefault(case, Path(path))
+    return found
+
+
+def cases_table(rows: Sequence[Mapping], panels: Sequence[Path]):
+    import wandb
+
+    images = {case: wandb.Image(str(p)) for case, p in panels_by_case(panels, case_order(rows)).items()}
+    table = wandb.Table(columns=[*CSV_COLUMNS, "panel"])
+    for r in rows:
+        values = [str(r["case"]), str(r["variant"]), str(r["class"]), *(as_float(r.get(m)) for m in METRICS)]
+        table.add_data(*values, as_float(r.get("seconds")), images.get(str(r["case"])))
+    return table
+
+
+def log_wandb(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Path], panels: Sequence[Path],
+              run_dir: Path, project: str = "liverseg-eval", mode: str | None = None) -> Path | None:
+    """Log the evaluation as one W&B run under ``run_dir/wandb``: the flattened summary
+    scalars, each chart and panel, and a table of every case x variant x class with its
+    case's panel (W&B stages a table's images under WANDB_DATA_DIR until the run is synced).
+    ``mode=None`` picks online only with a key and a reachable server (``train.wandb_mode``).
+    Returns the run's folder (``.../wandb/offline-run-*`` offline), None when disabled."""
+    import wandb
+
+    if mode is None:
+        from .train import wandb_mode  # imports torch: only when W&B is asked for
+
+        mode = wandb_mode()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, dir=str(run_dir), mode=mode, job_type="eval",
+                     config=dict(summary.get("config") or {}))
+    try:
+        run.log({**flatten_summary(summary),
+                 **{f"charts/{Path(p).stem}": wandb.Image(str(p)) for p in charts},
+                 **{f"panels/{Path(p).stem}": wandb.Image(str(p)) for p in panels},
+                 "cases_table": cases_table(rows, panels)})
+    finally:
+        run.finish()
+    return None if mode == "disabled" else Path(run.dir).parent

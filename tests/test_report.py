@@ -1,0 +1,202 @@
+"""The evaluation report: metrics.csv read back through csv, PNG charts and panels,
+a self-contained escaped report.html, and an offline W&B run holding the summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import struct
+
+import numpy as np
+import pytest
+
+from liverseg import report
+from liverseg.report import METRICS
+
+NAN = math.nan
+VARIANTS = ("unet", "ensemble+postprocess")
+CASES = ("volume-1", "volume-2", "<b>bold</b>")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def scores(seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    return {m: float(v) for m, v in zip(METRICS, rng.uniform(0.1, 0.95, len(METRICS)))}
+
+
+def make_rows() -> list[dict]:
+    rows = []
+    for i, case in enumerate(CASES):
+        for j, variant in enumerate(VARIANTS):
+            for cls in ("liver", "tumour"):
+                row = {"case": case, "variant": variant, "class": cls, **scores(10 * i + j), "seconds": 1.5 + i}
+                if cls == "tumour" and case == "volume-2":  # no tumour: surface distances undefined
+                    row.update(dice=NAN, hd95=NAN, assd=NAN)
+                rows.append(row)
+    return rows
+
+
+def stats(mean: float, std: float) -> dict[str, float]:
+    return {"mean": mean, "std": std, "median": mean, "min": mean - std, "max": mean + std}
+
+
+def make_summary() -> dict:
+    variants = {}
+    for j, variant in enumerate(VARIANTS):
+        classes = {cls: {"dice_global": 0.9 - 0.3 * k,
+                         **{m: stats(0.8 - 0.1 * k + 0.01 * j, 0.05) for m in METRICS}}
+                   for k, cls in enumerate(("liver", "tumour"))}
+        classes["tumour"]["hd95"] = stats(NAN, NAN)  # undefined everywhere: a skipped bar
+        by_size = [{"bin": "<10 mm", "lesions": 4, "detected": 1 + j, "recall": (1 + j) / 4},
+                   {"bin": "10-20 mm", "lesions": 0, "detected": 0, "recall": NAN},
+                   {"bin": ">20 mm", "lesions": 2, "detected": 2, "recall": 1.0}]
+        variants[variant] = {**classes,
+                             "detection": {"tp": 3 + j, "fp": 1, "fn": 3 - j, "precision": 0.75, "recall": 0.5,
+                                           "lesion_dice_mean": NAN, "by_size": by_size},
+                             "burden": {"rmse": 0.012, "max": 0.03}}
+    return {"variants": variants, "cases": len(CASES),
+            "failed": [{"case": "volume-9", "error": "InvalidCase: shape mismatch <image>"}],
+            "timings": {"predict_s_mean": 1.25, "total_s": 12.0},
+            "config": {"checkpoints": ["a", "b"], "tta": "flip"}}
+
+
+def make_panel(height: int = 40, width: int = 48, case: str | None = None) -> dict:
+    yy, xx = np.mgrid[:height, :width]
+    truth = np.zeros((height, width), np.uint8)
+    truth[(yy - 20) ** 2 + (xx - 24) ** 2 < 150] = 1
+    truth[(yy - 20) ** 2 + (xx - 24) ** 2 < 20] = 2
+    pred = np.roll(truth, 2, axis=1)
+    ct = np.where(truth > 0, 100.0, -50.0) + np.random.default_rng(0).normal(0, 10, (height, width))
+    panel = {"title": f"best case {case or 'volume-1'}, slice 41", "ct": ct, "truth": truth, "pred": pred,
+             "window": (-100, 200)}
+    return panel if case is None else {**panel, "case": case}
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """Everything written once: the report functions are the slow part of these tests."""
+    out = tmp_path_factory.mktemp("eval")
+    rows, summary = make_rows(), make_summary()
+    charts = report.write_charts(rows, summary, out / "charts")
+    panels = [report.write_panel(make_panel(case="volume-1"), out / "panels" / "00-best.png"),
+              report.write_panel(make_panel(), out / "panels" / "01-best-case-volume-1.png")]
+    html = report.write_html(summary, rows, charts, panels, out / "report.html")
+    return {"out": out, "rows": rows, "summary": summary, "charts": charts, "panels": panels, "html": html}
+
+
+def test_csv_round_trips_with_the_columns_and_nan(tmp_path):
+    rows = make_rows()
+    report.write_csv(rows, tmp_path / "sub" / "metrics.csv")
+    with (tmp_path / "sub" / "metrics.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        back = list(reader)
+    assert reader.fieldnames == ["case", "variant", "class", *METRICS, "seconds"]
+    assert len(back) == len(rows)
+    for original, read in zip(rows, back):
+        assert (read["case"], read["variant"], read["class"]) == (original["case"], original["variant"],
+                                                                   original["class"])
+        for key in (*METRICS, "seconds"):
+            value = float(read[key])
+            assert (math.isnan(value) and math.isnan(original[key])) or value == original[key], key
+    assert sum(read["dice"] == "nan" for read in back) == 2
+
+
+def test_charts_are_pngs_one_per_metric_plus_per_case_and_detection(outputs):
+    charts = outputs["charts"]
+    names = [p.name for p in charts]
+    assert names == [f"metric-{m}.png" for m in METRICS] + ["dice-per-case.png", "detection-by-size.png"]
+    for path in charts:
+        assert path.parent == outputs["out"] / "charts"
+        width, height = png_size(path)
+        assert 300 < width <= 2400 and 200 < height <= 1000, path.name
+
+
+def test_charts_survive_missing_summary_parts(tmp_path):
+    rows = [r for r in make_rows() if r["variant"] == "unet"]
+    summary = {"variants": {"unet": {"liver": {"dice": stats(NAN, NAN)}}}, "cases": 3}
+    names = [p.name for p in report.write_charts(rows, summary, tmp_path)]
+    assert names == [f"metric-{m}.png" for m in METRICS] + ["dice-per-case.png"]  # no size bins, no chart
+
+
+@pytest.mark.parametrize("height, width", [(40, 48), (64, 32)], ids=["landscape", "portrait"])
+def test_panel_is_four_images_side_by_side(tmp_path, height, width):
+    path = report.write_panel(make_panel(height, width), tmp_path / "p.png")
+    png_w, png_h = png_size(path)
+    image_aspect = 4 * width / height  # four images in a row
+    assert 0.6 * image_aspect < png_w / png_h < image_aspect * 1.1
+
+
+def test_panel_of_an_empty_slice_still_draws(tmp_path):
+    empty = {**make_panel(), "truth": np.zeros((40, 48), np.uint8), "pred": np.zeros((40, 48), np.uint8)}
+    png_size(report.write_panel(empty, tmp_path / "empty.png"))
+
+
+def test_html_is_self_contained_and_escaped(outputs):
+    text = outputs["html"].read_text(encoding="utf-8")
+    for path in outputs["charts"] + outputs["panels"]:
+        assert report.image_figure(path, path.stem) in text, path.name
+    assert text.count("data:image/png;base64,") == len(outputs["charts"]) + len(outputs["panels"])
+    assert 'src="http' not in text and "<script" not in text and "<link" not in text
+    for name in (*VARIANTS, "volume-9", "InvalidCase: shape mismatch &lt;image&gt;", "predict_s_mean"):
+        assert name in text, name
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text and "<b>bold</b>" not in text
+    readable = re.sub(r"data:image/png;base64,[^\"]*", "", text)
+    assert "nan" not in readable.lower()
+    assert "–" in text  # the NaN cells
+    assert "&quot;tta&quot;: &quot;flip&quot;" in text  # the config as escaped JSON
+
+
+def test_summary_table_shows_mean_and_std(outputs):
+    text = outputs["html"].read_text(encoding="utf-8")
+    assert "<td>0.810 ± 0.050</td>" in text  # ensemble+postprocess liver mean ± std
+    assert "<td>0.250 (1/4)</td>" in text  # unet detection recall in the smallest size bin
+
+
+def test_flattened_summary_keys():
+    flat = report.flatten_summary(make_summary())
+    assert flat["ensemble+postprocess/liver/dice_mean"] == pytest.approx(0.81)
+    assert flat["unet/liver/dice_global"] == 0.9
+    assert flat["unet/detection/recall_<10 mm"] == 0.25
+    assert flat["unet/burden/rmse"] == 0.012
+    assert flat["timings/total_s"] == 12.0 and flat["cases"] == 3 and flat["failed"] == 1
+    assert math.isnan(flat["unet/tumour/hd95_mean"])
+
+
+def test_panels_are_matched_to_their_case(outputs):
+    found = report.panels_by_case(outputs["panels"], list(CASES) + ["volume-10"])
+    assert found == {"volume-1": outputs["panels"][0]}
+    by_name = report.panels_by_case(outputs["panels"][1:], ["volume-1", "volume-10"])
+    assert by_name == {"volume-1": outputs["panels"][1]}  # by the title, not volume-10
+
+
+def test_wandb_offline_run_holds_the_summary_and_table(outputs, tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = report.log_wandb(outputs["summary"], outputs["rows"], outputs["charts"], outputs["panels"],
+                           tmp_path / "eval", mode="offline")
+    assert run is not None and run.parent == tmp_path / "eval" / "wandb" and run.name.startswith("offline-run-")
+    raw = b"".join(p.read_bytes() for p in run.glob("run-*.wandb"))
+    for key in ("ensemble+postprocess/liver/dice_mean", "unet/detection/recall_<10 mm", "timings/total_s",
+                "charts/metric-dice", "panels/00-best", "cases_table"):
+        assert key.encode() in raw, key
+    # W&B stages a table holding images as a run artifact, outside the run folder until synced
+    staged = [json.loads(p.read_text()) for p in (tmp_path / "wandb_data_dir").rglob("*")
+              if p.is_file() and p.read_bytes()[:1] == b"{"]
+    table = next(t for t in staged if t.get("columns", [])[-1:] == ["panel"])
+    assert len(table["data"]) == len(outputs["rows"])
+    panels = {row[0]: row[-1] for row in table["data"]}
+    assert panels["volume-1"]["_type"] == "image-file" and panels["volume-2"] is None
+    media = list((run / "files" / "media").rglob("*"))
+    assert any(p.name.startswith("cases_table") and p.suffix == ".json" for p in media)
+    assert sum(p.suffix == ".png" for p in media) == len(outputs["charts"]) + len(outputs["panels"])
