@@ -1,0 +1,120 @@
+"""``liverseg-eval``: thin click commands over :func:`liverseg.evaluate.run_evaluation`.
+
+    liverseg-eval run --checkpoint runs/unet/best --checkpoint runs/resunet/best \\
+        --data /data/LiTS --out eval
+    liverseg-eval predict --checkpoint runs/unet/best --data /data/LiTS-test --out submission
+    accelerate launch -m liverseg.eval_cli run ...   # cases split across processes
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from shardgen.errors import ShardgenError
+
+from .errors import LiversegError
+from .inference import TTA_CHOICES
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def friendly_errors(command):
+    """Our own errors become one line (``Error: ...``, exit 1), never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (LiversegError, ShardgenError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def shared_options(command):
+    options = [
+        click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+                     help="Exported checkpoint folder (model.safetensors + config.json); "
+                          "repeat to ensemble."),
+        click.option("--data", required=True,
+                     help="LiTS or MSD Task03 folder, or a shard folder / manifest.json "
+                          "(its --split cases are read from their source NIfTI)."),
+        click.option("--split", default="test", show_default=True,
+                     help="Which split of a shard manifest to evaluate."),
+        click.option("--out", required=True, help="Output folder."),
+        click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
+                     help="Test-time augmentation: average over horizontal and vertical flips."),
+        click.option("--postprocess", default="default", show_default=True,
+                     help="default, none, or a JSON file of steps (docs/METRICS.md)."),
+        click.option("--batch-size", default=16, show_default=True, help="Slices per forward pass."),
+        click.option("--device", default=None, help="cuda, cuda:1, cpu  [default: the GPU if any]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", is_flag=True, help="Log diagnostics to stderr.")
+def main(verbose: bool) -> None:
+    """Evaluate liver / tumour segmentation checkpoints the way LiTS scores them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@shared_options
+@click.option("--report-to", type=click.Choice(["none", "wandb"]), default="none", show_default=True,
+              help="Also log to Weights & Biases (offline without an API key or network).")
+@friendly_errors
+def run(report_to: str, **options) -> None:
+    """Predict, postprocess and score labelled cases: each checkpoint, their ensemble and
+    the postprocessed ensemble. Writes predictions/, metrics.csv, summary.json, charts/,
+    panels/ and report.html into --out."""
+    from .evaluate import EvalConfig, run_evaluation
+
+    result = run_evaluation(EvalConfig(**options, report_to=report_to, with_labels=True))
+    if result.summary is not None:
+        print_table(result.summary)
+        click.echo(f"report: {result.report}")
+    finish(result)
+
+
+@main.command()
+@shared_options
+@friendly_errors
+def predict(**options) -> None:
+    """Predict unlabelled cases (e.g. LiTS test-volume-N): writes predictions/ as uint8
+    NIfTI (test-segmentation-N.nii) in each input's shape and affine."""
+    from .evaluate import EvalConfig, run_evaluation
+
+    finish(run_evaluation(EvalConfig(**options, with_labels=False)))
+
+
+def print_table(summary: dict) -> None:
+    """Per class and variant: mean Dice, IoU, precision, recall and ASSD over cases."""
+    metrics = ("dice", "iou", "precision", "recall", "assd")
+    click.echo(f"{'class':<7} {'variant':<24}" + "".join(f"{m:>10}" for m in metrics))
+    for cls in ("liver", "tumour"):
+        for variant, scores in summary["variants"].items():
+            values = [scores[cls][m]["mean"] for m in metrics]
+            cells = "".join(f"{v:>10.3f}" if v == v else f"{'–':>10}" for v in values)
+            click.echo(f"{cls:<7} {variant:<24}{cells}")
+
+
+def finish(result) -> None:
+    if not result.is_main:
+        return  # a multi-process run: the main process reports
+    for item in result.failed:
+        click.echo(f"failed: {item['case']}: {item['error']}", err=True)
+    click.echo(f"{result.cases} case(s) done, {len(result.failed)} failed; outputs in {result.out}")
+    if result.failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

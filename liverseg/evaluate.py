@@ -1,0 +1,390 @@
+"""Evaluation behind ``liverseg-eval``: every checkpoint, their ensemble and the
+postprocessed ensemble, scored per case the way LiTS scores, then reported.
+
+Cases are split across processes when launched with ``accelerate launch``; each process
+predicts and scores its own cases, and the main process gathers the per-case results and
+writes metrics.csv, summary.json, the charts, the panels and report.html.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from shardgen.discover import CaseSource, discover, natural_key
+from shardgen.errors import InvalidCase, ShardgenError
+from shardgen.manifest import read_manifest
+from shardgen.nifti import check_3d, check_finite, load_case, read_volume
+from shardgen.orientation import canonical_spacing, to_canonical
+
+from . import __version__, lits, report
+from .errors import ConfigError
+from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name,
+                        write_labels)
+from .postprocess import Postprocess, default_postprocess
+
+log = logging.getLogger(__name__)
+POSTPROCESSED = "ensemble+postprocess"
+CLASSES = ("liver", "tumour")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation; written to EVAL/config.json and summary.json."""
+
+    checkpoints: tuple[str, ...]
+    data: str
+    out: str
+    split: str = "test"
+    tta: str = "none"
+    postprocess: str = "default"
+    batch_size: int = 16
+    device: str | None = None
+    report_to: str = "none"
+    with_labels: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_CHOICES:
+            raise ConfigError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_CHOICES)}")
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be >= 1")
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CaseResult:
+    """What one process found for one case; gathered on the main process."""
+
+    case: str
+    scores: dict[str, dict] = field(default_factory=dict)  # variant → lits.score_case(...)
+    seconds: dict[str, float] = field(default_factory=dict)
+    panel: dict | None = None  # the slice with the most liver, for best/median/worst panels
+    tumour_panel: dict | None = None  # the slice with the most tumour
+    prediction: str = ""
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- cases
+
+def find_cases(data: str | Path, split: str, with_labels: bool) -> tuple[list[CaseSource], list[dict]]:
+    """Cases of a LiTS/MSD folder, or of one split of a shard manifest (read from their
+    source NIfTI). Returns the cases and the ones already known to be unusable."""
+    data = Path(data)
+    manifest = data / "manifest.json" if data.is_dir() else data
+    if manifest.name.endswith(".json") and manifest.is_file():
+        return cases_from_manifest(manifest, split), []
+    if not data.is_dir():
+        raise ConfigError(f"{data}: no such folder or shard manifest")
+    try:
+        sources, rejected = discover([data])
+    except ShardgenError as exc:
+        raise ConfigError(str(exc)) from None
+    if not with_labels:
+        sources = sources + unlabelled_images(data, {s.case for s in sources})
+    failed = [{"case": r.case, "error": f"{r.file}: {r.reason}"} for r in rejected]
+    if with_labels:
+        failed += [{"case": s.case, "error": f"{s.image}: missing label file"}
+                   for s in sources if s.label is None]
+        sources = [s for s in sources if s.label is not None]
+    if not sources and not failed:
+        raise ConfigError(f"{data}: no LiTS (volume-N.nii) or MSD Task03 cases found")
+    return sorted(sources, key=lambda s: natural_key(s.case)), failed
+
+
+def unlabelled_images(root: Path, known: set[str]) -> list[CaseSource]:
+    """LiTS test volumes (test-volume-N) and MSD imagesTs files, which have no labels."""
+    found = [*root.rglob("test-volume-*.nii"), *root.rglob("test-volume-*.nii.gz"),
+             *root.rglob("imagesTs/*.nii"), *root.rglob("imagesTs/*.nii.gz")]
+    out = []
+    for path in sorted(set(found)):
+        case = path.name.removesuffix(".gz").removesuffix(".nii")
+        if case not in known and not case.startswith("._"):
+            out.append(CaseSource(case, path, None))
+    return out
+
+
+def cases_from_manifest(path: Path, split: str) -> list[CaseSource]:
+    try:
+        manifest = read_manifest(path)
+    except ShardgenError as exc:
+        raise ConfigError(str(exc)) from None
+    chosen = [(case, info) for case, info in manifest.get("cases", {}).items() if info["split"] == split]
+    if not chosen:
+        raise ConfigError(f"{path}: the manifest has no {split!r} cases")
+    return [CaseSource(case, locate(info["image"], path), locate(info.get("label"), path))
+            for case, info in sorted(chosen, key=lambda c: natural_key(c[0]))]
+
+
+def locate(file: str | None, manifest: Path) -> Path | None:
+    """A source path from the manifest: as written, or relative to the manifest's folder."""
+    if not file or file == "None":
+        return None
+    path = Path(file)
+    if path.exists() or path.is_absolute():
+        return path
+    return manifest.parent / path
+
+
+def load_image_only(source: CaseSource) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    volume = read_volume(source.image)
+    check_3d(volume)
+    check_finite(volume)
+    return to_canonical(volume.data, volume.affine), volume.affine, canonical_spacing(volume.affine)
+
+
+# --------------------------------------------------------------------------- one case
+
+def choose_panels(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, window) -> tuple[dict, dict | None]:
+    """The slice with the most liver (for best/median/worst) and the one with the most tumour."""
+    liver_area = (truth >= 1).sum(axis=(1, 2))
+    tumour_area = (truth == 2).sum(axis=(1, 2))
+
+    def panel(z: int, what: str) -> dict:
+        return {"z": z, "what": what, "ct": image[z].astype(np.float32), "truth": truth[z].copy(),
+                "pred": pred[z].copy(), "window": tuple(window), "area": int(tumour_area[z])}
+
+    main = panel(int(liver_area.argmax()), "largest liver slice")
+    tumour = panel(int(tumour_area.argmax()), "largest tumour slice") if tumour_area.max() > 0 else None
+    return main, tumour
+
+
+def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postprocess,
+                  config: EvalConfig, device: torch.device) -> CaseResult:
+    """Predict, postprocess, write and (with labels) score one case."""
+    result = CaseResult(source.case)
+    start = time.perf_counter()
+    if config.with_labels:
+        case = load_case(source.image, source.label)
+        image, truth, affine, spacing = case.image, case.label, case.affine, case.spacing
+    else:
+        image, affine, spacing = load_image_only(source)
+        truth = None
+    result.seconds["load"] = time.perf_counter() - start
+    prediction = predict_volume(members, image, device, config.batch_size, config.tta)
+    result.seconds.update({f"infer/{k}": v for k, v in prediction.seconds.items()})
+    variants = dict(prediction.labels)
+    tick = time.perf_counter()
+    variants[POSTPROCESSED] = postprocess(variants[ENSEMBLE], spacing)
+    result.seconds["postprocess"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    final = variants[POSTPROCESSED]
+    out = Path(config.out) / "predictions" / prediction_name(source.case, compressed=config.with_labels)
+    result.prediction = str(write_labels(out, final, affine))
+    result.seconds["write"] = time.perf_counter() - tick
+    if truth is not None:
+        tick = time.perf_counter()
+        result.scores = {name: lits.score_case(labels, truth, spacing) for name, labels in variants.items()}
+        result.seconds["metrics"] = time.perf_counter() - tick
+        result.panel, result.tumour_panel = choose_panels(image, truth, final, members[0].preprocessing.window)
+    result.seconds["total"] = time.perf_counter() - start
+    return result
+
+
+def variant_seconds(result: CaseResult, variant: str, members: list[Member]) -> float:
+    """Inference time of a variant on one case: its member, all members, + postprocessing."""
+    infer = {m.name: result.seconds.get(f"infer/{m.name}", math.nan) for m in members}
+    if variant in infer:
+        return infer[variant]
+    total = sum(infer.values()) + result.seconds.get("infer/preprocess", 0.0)
+    return total + (result.seconds.get("postprocess", 0.0) if variant == POSTPROCESSED else 0.0)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    # Without a GPU, CPU processes started by `accelerate launch` still form one group (gloo).
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def resolve_device(config: EvalConfig, accelerator) -> torch.device:
+    if config.device is None:
+        return accelerator.device
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {config.device}: no CUDA device on this machine")
+    return device
+
+
+def load_postprocess(spec: str) -> Postprocess:
+    if spec == "default":
+        return default_postprocess()
+    if spec == "none":
+        return Postprocess([])
+    return Postprocess.from_json(spec)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    out: Path
+    cases: int
+    failed: list[dict]
+    summary: dict | None
+    report: Path | None
+    is_main: bool = True
+
+
+def run_evaluation(config: EvalConfig) -> EvalResult:
+    """Evaluate (or, without labels, only predict) every case; one bad case is reported
+    and skipped, the others still run. Returns what was written and what failed."""
+    accelerator = make_accelerator()
+    device = resolve_device(config, accelerator)
+    members = load_members(list(config.checkpoints), device)
+    postprocess = load_postprocess(config.postprocess)
+    sources, failed = find_cases(config.data, config.split, config.with_labels)
+    out = Path(config.out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    results = []
+    with accelerator.split_between_processes(sources) as mine:
+        bar = tqdm(mine, desc="cases", unit="case", disable=not accelerator.is_local_main_process)
+        for source in bar:
+            bar.set_postfix_str(source.case)
+            try:
+                results.append(evaluate_case(source, members, postprocess, config, device))
+            except InvalidCase as exc:
+                log.error("%s", exc)
+                results.append(CaseResult(source.case, error=str(exc)))
+    results = gather(accelerator, results)
+    if not accelerator.is_main_process:
+        return EvalResult(out, len(results), failed, None, None, is_main=False)
+    failed = failed + [{"case": r.case, "error": r.error} for r in results if r.error]
+    done = sorted((r for r in results if not r.error), key=lambda r: natural_key(r.case))
+    summary = report_path = None
+    if config.with_labels and done:
+        summary, report_path = write_outputs(done, failed, members, config)
+    else:
+        write_json(out / "summary.json", {"cases": len(done), "failed": failed,
+                                          "predictions": [r.prediction for r in done],
+                                          "timings": timings(done), "config": config.to_dict()})
+    return EvalResult(out, len(done), failed, summary, report_path)
+
+
+def gather(accelerator, results: list[CaseResult]) -> list[CaseResult]:
+    if accelerator.num_processes == 1:
+        return results
+    from accelerate.utils import gather_object
+
+    return list(gather_object(results))
+
+
+def timings(results: list[CaseResult]) -> dict[str, float]:
+    keys = sorted({k for r in results for k in r.seconds})
+    means = {f"{k}_s_mean": float(np.mean([r.seconds.get(k, 0.0) for r in results])) for k in keys}
+    return {**means, "cases": len(results), "total_s": float(sum(r.seconds["total"] for r in results))}
+
+
+def variants_of(members: list[Member]) -> list[str]:
+    return [m.name for m in members] + [ENSEMBLE, POSTPROCESSED]
+
+
+def metric_rows(results: list[CaseResult], members: list[Member]) -> list[dict]:
+    rows = []
+    for r in results:
+        for variant in variants_of(members):
+            seconds = variant_seconds(r, variant, members)
+            for cls in CLASSES:
+                scores = r.scores[variant][cls]
+                rows.append({"case": r.case, "variant": variant, "class": cls,
+                             **{m: float(scores[m]) for m in lits.METRICS}, "seconds": seconds})
+    return rows
+
+
+def build_summary(results: list[CaseResult], failed: list[dict], members: list[Member],
+                  config: EvalConfig) -> dict:
+    variants = {v: lits.aggregate([r.scores[v] for r in results]) for v in variants_of(members)}
+    return {"variants": variants, "cases": len(results), "failed": failed,
+            "timings": timings(results), "config": config.to_dict(),
+            "checkpoints": {m.name: str(m.path) for m in members},
+            "preprocessing": members[0].preprocessing.to_dict(), "liverseg_version": __version__}
+
+
+def pick_panels(results: list[CaseResult]) -> list[dict]:
+    """Best, median and worst case by the postprocessed ensemble's liver + tumour Dice,
+    and the slice with the largest tumour of all cases."""
+    def score(r: CaseResult) -> float:
+        values = [r.scores[POSTPROCESSED][c]["dice"] for c in CLASSES]
+        return float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else -1.0
+
+    ranked = sorted(results, key=score, reverse=True)
+    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    panels, seen = [], set()
+    for label, r in picks:
+        if r.case in seen:
+            continue
+        seen.add(r.case)
+        panels.append({**r.panel, "case": r.case, "title": f"{label} case {r.case} (Dice {score(r):.3f}), "
+                                           f"slice {r.panel['z']}, {r.panel['what']}"})
+    tumours = [r for r in results if r.tumour_panel is not None]
+    if tumours:
+        r = max(tumours, key=lambda r: r.tumour_panel["area"])
+        panels.append({**r.tumour_panel, "case": r.case, "title": f"largest tumour: case {r.case}, slice {r.tumour_panel['z']}"})
+    return panels
+
+
+def write_outputs(results: list[CaseResult], failed: list[dict], members: list[Member],
+                  config: EvalConfig) -> tuple[dict, Path]:
+    out = Path(config.out)
+    rows = metric_rows(results, members)
+    summary = build_summary(results, failed, members, config)
+    report.write_csv(rows, out / "metrics.csv")
+    write_json(out / "summary.json", summary)
+    write_json(out / "cases.json", {r.case: {"scores": r.scores, "seconds": r.seconds,
+                                             "prediction": r.prediction} for r in results})
+    charts = report.write_charts(rows, summary, out / "charts")
+    panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{slug(p['title'])}.png")
+              for i, p in enumerate(pick_panels(results))]
+    html = report.write_html(summary, rows, charts, panels, out / "report.html")
+    if config.report_to == "wandb":
+        report.log_wandb(summary, rows, charts, panels, out)
+    return summary, html
+
+
+def slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(part for part in keep.split("-") if part)[:60]
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # NaN (an undefined metric, see docs/METRICS.md) becomes null: strict JSON readers refuse NaN
+    tmp.write_text(json.dumps(nan_to_none(data), indent=2, default=json_default, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def nan_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) or math.isinf(value) else float(value)
+    return value
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,115 @@
+"""Whole-volume inference: predictions come back in the input's exact geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from liverseg import lits
+from liverseg.errors import ConfigError
+from liverseg.inference import (ENSEMBLE, Member, load_members, member_name, predict_volume,
+                                prediction_name, write_labels)
+from liverseg.models import ModelSpec, create_model, export_checkpoint
+from shardgen.nifti import load_case
+from shardgen.preprocess import Preprocessing
+
+from conftest import save_canonical
+
+HU = {0: -100.0, 1: 150.0, 2: 400.0}  # 0, 0.5 and 1.0 after the default window
+
+
+class Oracle(torch.nn.Module):
+    """Labels read straight off the intensity of the centre channel: a stand-in for a
+    perfect network, so any error left is the geometry's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
+        levels = torch.tensor([0.0, 0.5, 1.0], device=x.device).view(1, 3, 1, 1)
+        return -(centre - levels).abs() * 50
+
+
+def geometry_case(tmp_path: Path) -> tuple[Path, Path]:
+    """384×384 in-plane, 9 slices of 5 mm, stored with permuted and flipped axes."""
+    label = np.zeros((9, 384, 384), np.uint8)
+    zz, yy, xx = np.mgrid[:9, :384, :384]
+    label[((yy - 170) / 110) ** 2 + ((xx - 200) / 140) ** 2 + ((zz - 4) / 4.5) ** 2 < 1] = 1
+    label[((yy - 150) / 30) ** 2 + ((xx - 230) / 25) ** 2 + ((zz - 5) / 2.2) ** 2 < 1] = 2
+    label[:, 300:, 20:40] = 1  # off-centre, asymmetric: a flip would show
+    image = np.vectorize(HU.get)(label).astype(np.int16)
+    kwargs = dict(spacing=(5.0, 0.7, 0.7), axcodes=("R", "I", "A"), origin=(120.0, -40.0, 300.0))
+    save_canonical(tmp_path / "volume-7.nii.gz", image, **kwargs)
+    save_canonical(tmp_path / "segmentation-7.nii.gz", label, **kwargs)
+    return tmp_path / "volume-7.nii.gz", tmp_path / "segmentation-7.nii.gz"
+
+
+@pytest.mark.parametrize("size, min_dice", [(384, 1.0), (64, 0.9)], ids=["no-resize", "resized-to-64"])
+def test_prediction_has_the_inputs_shape_and_affine(tmp_path, size, min_dice):
+    vol, seg = geometry_case(tmp_path)
+    case = load_case(vol, seg)
+    member = Member("oracle", tmp_path, Oracle(), Preprocessing(size=size, context=1))
+    pred = predict_volume([member], case.image, torch.device("cpu"), batch_size=4)
+    out = write_labels(tmp_path / "out" / prediction_name("volume-7", True), pred.labels[ENSEMBLE], case.affine)
+    written, truth = nib.load(out), nib.load(seg)
+    assert out.name == "segmentation-7.nii.gz"
+    assert written.shape == truth.shape == (384, 9, 384)
+    assert np.array_equal(written.affine, truth.affine)
+    assert written.get_data_dtype() == np.uint8
+    got, want = np.asarray(written.dataobj), np.asarray(truth.dataobj)
+    spacing = tuple(float(s) for s in truth.header.get_zooms())
+    for cls, mask in (("liver", lambda a: a >= 1), ("tumour", lambda a: a == 2)):
+        dice = lits.binary_scores(mask(got), mask(want), spacing)["dice"]
+        assert dice >= min_dice, (cls, dice)
+    if size == 384:
+        assert np.array_equal(got, want)
+
+
+def test_ensemble_averages_probabilities_and_flips_change_nothing_for_a_symmetric_model(tmp_path):
+    vol, seg = geometry_case(tmp_path)
+    case = load_case(vol, seg)
+    pre = Preprocessing(size=64, context=1)
+    members = [Member("a", tmp_path, Oracle(), pre), Member("b", tmp_path, Oracle(), pre)]
+    plain = predict_volume(members, case.image, torch.device("cpu"), batch_size=3)
+    flipped = predict_volume(members, case.image, torch.device("cpu"), batch_size=5, tta="flips")
+    assert set(plain.labels) == {"a", "b", ENSEMBLE}
+    assert np.array_equal(plain.labels["a"], plain.labels[ENSEMBLE])
+    assert np.array_equal(plain.labels[ENSEMBLE], flipped.labels[ENSEMBLE])
+
+
+def export_random(folder: Path, size: int = 64, context: int = 1, arch: str = "unet") -> Path:
+    torch.manual_seed(0)
+    spec = ModelSpec(arch, "resnet18", 2 * context + 1, 3)
+    model = create_model(spec.arch, spec.encoder, spec.in_channels, spec.classes)
+    return export_checkpoint(model, spec, folder, {"preprocessing": Preprocessing(size=size, context=context).to_dict()})
+
+
+def test_checkpoints_with_different_preprocessing_refuse_to_ensemble(tmp_path):
+    a = export_random(tmp_path / "a" / "best", size=64)
+    b = export_random(tmp_path / "b" / "best", size=96)
+    members = load_members([a], torch.device("cpu"))
+    assert members[0].name == "a"
+    with pytest.raises(ConfigError, match="cannot be ensembled"):
+        load_members([a, b], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("path, taken, name", [
+    ("runs/unet/best", set(), "unet"),
+    ("runs/unet/last", set(), "unet-last"),
+    ("runs/unet/best", {"unet"}, "unet-2"),
+    ("exports/my-model", set(), "my-model"),
+    ("runs/ensemble/best", set(), "ensemble-2"),
+])
+def test_member_names(path, taken, name):
+    assert member_name(Path(path), taken) == name
+
+
+@pytest.mark.parametrize("case, compressed, name", [
+    ("volume-3", False, "segmentation-3.nii"),
+    ("test-volume-12", False, "test-segmentation-12.nii"),
+    ("liver_5", True, "liver_5.nii.gz"),
+])
+def test_prediction_names_follow_lits(case, compressed, name):
+    assert prediction_name(case, compressed) == name
