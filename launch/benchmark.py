@@ -508,5 +508,56 @@ def eval_(slices: int, size: int, spacing: tuple[float, float, float], repeat: i
           f"{ours['lesions']['fn']}); ours' untimed first run: {sum(first):.3f} s")
 
 
+@main.command()
+@click.option("--slices", default=400, show_default=True, help="Depth of the synthetic volume.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--encoder", default="resnet34", show_default=True)
+@click.option("--size", default=512, show_default=True, help="Network input size (the volume is 512x512).")
+@click.option("--device", default="cuda", show_default=True, help="cpu only to check the script itself.")
+def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) -> None:
+    """Whole-volume inference (liverseg.inference.predict_volume: windowing, resizing,
+    2.5D stacking, autocast, softmax, labels back on the host) vs. the bare model on
+    synthetic tensors already on the device, in one run. Target >= 90 %."""
+    import torch
+
+    from liverseg.inference import Member, autocast_dtype, predict_volume
+    from liverseg.models import create_model
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("no CUDA device here (use --device cpu only to test the script)")
+    pre = Preprocessing(size=size, context=1)
+    model = create_model("unet", encoder, pre.channels, 3).to(device, memory_format=torch.channels_last).eval()
+    dtype = autocast_dtype(device)
+    x = torch.rand(batch_size, pre.channels, size, size, device=device).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def bare() -> float:
+        rounds = max(1, slices // batch_size)
+        for timed in (False, True):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(rounds if timed else 1):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    model(x).float().softmax(1).argmax(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return rounds * batch_size / (time.perf_counter() - start)
+
+    volume = np.random.default_rng(0).integers(-1000, 1000, (slices, 512, 512)).astype(np.int16)
+    member = Member("unet", Path("."), model, pre)
+    predict_volume([member], volume[:batch_size], device, batch_size)  # warm-up
+    start = time.perf_counter()
+    predict_volume([member], volume, device, batch_size)
+    whole = slices / (time.perf_counter() - start)
+    synthetic = bare()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# infer, {date.today()}, {name}, torch {torch.__version__}, unet {encoder}, "
+          f"{size}x{size}x{pre.channels}, batch {batch_size}, {slices} slices")
+    print(f"bare model on device tensors: {synthetic:.4g} slices/s; whole-volume inference: "
+          f"{whole:.4g} slices/s ({100 * whole / synthetic:.0f} %)")
+
+
 if __name__ == "__main__":
     sys.exit(main())
