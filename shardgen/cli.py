@@ -76,8 +76,9 @@ def main(verbose: bool) -> None:
 @click.option("--size", type=click.IntRange(min=16), default=512, show_default=True, help="In-plane matrix size.")
 @click.option("--slices", callback=number_pair(int), default="80,200", show_default=True,
               help="MIN,MAX slices per case.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
 @friendly_errors
-def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int]) -> None:
+def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int], workers: int) -> None:
     """Write synthetic portal-venous abdominal CT cases in LiTS layout
     (volume-i.nii.gz, segmentation-i.nii.gz) — see docs/PHANTOMS.md."""
     from .phantom import write_phantoms
@@ -85,7 +86,8 @@ def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int]
     if not 1 <= slices[0] <= slices[1]:
         raise ShardgenError(f"--slices must be MIN,MAX with 1 <= MIN <= MAX, got {slices}")
     with tqdm(total=cases, desc="phantoms", unit="case") as bar:
-        write_phantoms(out, cases, seed=seed, size=size, slices=slices, on_case=lambda i: bar.update())
+        write_phantoms(out, cases, seed=seed, size=size, slices=slices, on_case=lambda i: bar.update(),
+                       workers=workers)
     click.echo(f"wrote {cases} cases to {out}")
 
 

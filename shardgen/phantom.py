@@ -3,8 +3,10 @@ docs/PHANTOMS.md describes the anatomy, the HU table, the ranges and what is not
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -1231,19 +1233,35 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
+def write_phantom_case(out: Path, i: int, seed: int, size: int, slices: tuple[int, int]) -> list[Path]:
+    """Write case ``i`` (volume then segmentation); the unit of work of :func:`write_phantoms`."""
+    case = make_phantom(i, seed=seed, size=size, slices=slices)
+    return [_write_nifti(out / f"volume-{i}.nii.gz", case.volume, case.affine),
+            _write_nifti(out / f"segmentation-{i}.nii.gz", case.label, case.affine)]
+
+
 def write_phantoms(out_dir: Path, cases: int, seed: int = 0, size: int = 512,
                    slices: tuple[int, int] = (80, 200),
-                   on_case: Callable[[int], None] | None = None) -> list[Path]:
+                   on_case: Callable[[int], None] | None = None, workers: int = 1) -> list[Path]:
     """Write ``volume-{i}.nii.gz`` (int16) and ``segmentation-{i}.nii.gz`` (uint8) for
-    i in 0..cases-1 into ``out_dir`` (created if needed), LiTS layout. Returns the paths
-    written, volume then segmentation for each case; calls ``on_case(i)`` after each case."""
+    i in 0..cases-1 into ``out_dir`` (created if needed), LiTS layout, in ``workers``
+    processes (each case depends only on (seed, i), so the files do not depend on it).
+    Returns the paths written, volume then segmentation for each case, in case order;
+    calls ``on_case(i)`` after each case."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for i in range(cases):
-        case = make_phantom(i, seed=seed, size=size, slices=slices)
-        written.append(_write_nifti(out / f"volume-{i}.nii.gz", case.volume, case.affine))
-        written.append(_write_nifti(out / f"segmentation-{i}.nii.gz", case.label, case.affine))
-        if on_case is not None:
-            on_case(i)
-    return written
+    job = functools.partial(write_phantom_case, out, seed=seed, size=size, slices=slices)
+    done: dict[int, list[Path]] = {}
+    if workers <= 1:
+        for i in range(cases):
+            done[i] = job(i)
+            if on_case is not None:
+                on_case(i)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(job, i): i for i in range(cases)}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                if on_case is not None:
+                    on_case(futures[future])
+    return [path for i in range(cases) for path in done[i]]

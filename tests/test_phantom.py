@@ -49,9 +49,11 @@ def test_other_seed_or_case_differs(name, other):
     assert a.volume.shape != b.volume.shape or not np.array_equal(a.volume, b.volume)
 
 
-def test_case_does_not_depend_on_how_many_cases_are_written(tmp_path):
+def test_case_does_not_depend_on_how_many_cases_are_written_or_by_how_many_processes(tmp_path):
     write_phantoms(tmp_path / "two", cases=2, seed=5, **TINY)
-    write_phantoms(tmp_path / "four", cases=4, seed=5, **TINY)
+    paths = write_phantoms(tmp_path / "four", cases=4, seed=5, workers=2, **TINY)
+    assert [p.name for p in paths[:4]] == ["volume-0.nii.gz", "segmentation-0.nii.gz",
+                                           "volume-1.nii.gz", "segmentation-1.nii.gz"]
     for name in ("volume-1.nii.gz", "segmentation-1.nii.gz"):
         a, b = (np.asanyarray(nib.load(tmp_path / d / name).dataobj) for d in ("two", "four"))
         assert np.array_equal(a, b)
