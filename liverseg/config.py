@@ -26,6 +26,7 @@ class TrainConfig:
     arch: str = "unet"
     encoder: str = "resnet34"
     attention: str | None = None
+    decoder_channels: tuple[int, ...] | None = None  # None: the architecture's default
     encoder_weights: str | None = None
     steps: int = 2000
     batch_size: int = 16
@@ -71,6 +72,8 @@ class TrainConfig:
         for name in ("attention", "encoder_weights", "resume"):
             if getattr(self, name) in ("none", "None", ""):
                 object.__setattr__(self, name, None)
+        if isinstance(self.decoder_channels, list):
+            object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
 

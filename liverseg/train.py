@@ -293,9 +293,11 @@ def build_loss(config: TrainConfig) -> torch.nn.Module:
 def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelSpec, TrainState]:
     source = open_shards(config.shards)
     preprocessing = Preprocessing.from_dict(source.manifest["preprocessing"])
-    spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, len(CLASS_NAMES), config.attention)
+    spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, len(CLASS_NAMES), config.attention,
+                     config.decoder_channels)
     model = create_model(spec.arch, spec.encoder, spec.in_channels, spec.classes,
-                         encoder_weights=config.encoder_weights, attention=spec.attention)
+                         encoder_weights=config.encoder_weights, attention=spec.attention,
+                         decoder_channels=spec.decoder_channels)
     accelerator = make_accelerator(config, has_unused_parameters(model, spec.in_channels))
     set_seed(config.seed + accelerator.process_index)
     if config.channels_last:

@@ -411,3 +411,22 @@ def test_checkpoint_loads_onto_the_gpu(good_checkpoint):
     model, _ = load_checkpoint(good_checkpoint, map_location="cuda")
     assert all(p.is_cuda for p in model.parameters())
     assert model(torch.zeros(2, 1, SIZE, SIZE, device="cuda")).shape == (2, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("arch", ["unet", "resunet"])
+def test_decoder_channels_narrow_the_decoder_and_survive_a_checkpoint(tmp_path, arch):
+    narrow = create_model(arch, "resnet18", 3, 3, decoder_channels=(64, 32, 16, 16, 16))
+    wide = create_model(arch, "resnet18", 3, 3)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(narrow) < count(wide)
+    spec = ModelSpec(arch, "resnet18", 3, 3, decoder_channels=(64, 32, 16, 16, 16))
+    export_checkpoint(narrow, spec, tmp_path, {})
+    model, config = load_checkpoint(tmp_path)
+    assert config["model"]["decoder_channels"] == [64, 32, 16, 16, 16]
+    x = torch.zeros(1, 3, 64, 64)
+    assert torch.equal(model(x), narrow.eval()(x))
+
+
+def test_decoder_channels_on_an_architecture_without_them_is_a_config_error():
+    with pytest.raises(ConfigError, match="no decoder_channels"):
+        create_model("fpn", "resnet18", 3, 3, decoder_channels=(64, 32, 16, 16, 16))
