@@ -38,6 +38,7 @@ class Recipe:
     val_every: int
     oversample_tumour: float
     minutes: float  # rough duration, said at the start
+    class_weights: tuple[float, float, float] | None = (1.0, 1.0, 4.0)
     workers: int = 1
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     seed: int = 0
@@ -106,6 +107,7 @@ def train_config(recipe: Recipe, arch: str, shards: Path, run: Path):
                        batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                        val_every=recipe.val_every, save_every=recipe.steps, log_every=10,
                        workers=recipe.workers, oversample_tumour=recipe.oversample_tumour,
+                       class_weights=recipe.class_weights,
                        # the liver lies on the patient's right: a mirrored abdomen would put the
                        # spleen, of nearly the liver's density, where the liver belongs
                        augment=AugmentConfig(flip_lr=0.0), seed=recipe.seed)

@@ -49,6 +49,7 @@ class TrainConfig:
     workers: int = 4
     shuffle_buffer: int = 1000
     oversample_tumour: float = 0.0
+    class_weights: tuple[float, ...] | None = None  # cross-entropy weights of background, liver, tumour
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_nonfinite: int = 5
     log_every: int = 20
@@ -72,6 +73,11 @@ class TrainConfig:
         for name in ("attention", "encoder_weights", "resume"):
             if getattr(self, name) in ("none", "None", ""):
                 object.__setattr__(self, name, None)
+        if isinstance(self.class_weights, list):
+            object.__setattr__(self, "class_weights", tuple(self.class_weights))
+        if self.class_weights is not None and (len(self.class_weights) != 3
+                                               or min(self.class_weights) <= 0):
+            raise ConfigError(f"class_weights must be 3 positive numbers, got {self.class_weights}")
         if isinstance(self.decoder_channels, list):
             object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
         if isinstance(self.augment, dict):

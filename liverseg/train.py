@@ -287,7 +287,7 @@ def train_step(loop: Loop, batches: Iterator) -> tuple[torch.Tensor, bool, float
 
 
 def build_loss(config: TrainConfig) -> torch.nn.Module:
-    return DiceCELoss(classes=len(CLASS_NAMES))
+    return DiceCELoss(classes=len(CLASS_NAMES), class_weights=config.class_weights)
 
 
 def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelSpec, TrainState]:

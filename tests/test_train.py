@@ -105,9 +105,11 @@ def test_non_finite_steps_are_skipped_then_abort(shards, tmp_path, monkeypatch):
 
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("shards: s\nout: o\narch: resunet\nsteps: 50\naugment: {flip_lr: 0.0}\n")
+    path.write_text("shards: s\nout: o\narch: resunet\nsteps: 50\naugment: {flip_lr: 0.0}\n"
+                    "class_weights: [1, 1, 4]\ndecoder_channels: [64, 32, 16, 16, 16]\n")
     config = load_config(path, steps=70, lr=None)
     assert (config.arch, config.steps, config.augment.flip_lr) == ("resunet", 70, 0.0)
+    assert config.class_weights == (1, 1, 4) and config.decoder_channels == (64, 32, 16, 16, 16)
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -115,6 +117,7 @@ def test_config_file_and_flags(tmp_path):
     ("missing shards", "out: o\n", "missing required settings ['shards']"),
     ("bad precision", "shards: s\nout: o\nprecision: fp8\n", "precision must be one of"),
     ("not a mapping", "- a\n- b\n", "must be a mapping"),
+    ("two class weights", "shards: s\nout: o\nclass_weights: [1, 4]\n", "class_weights must be 3 positive"),
 ])
 def test_bad_config_is_one_line(tmp_path, name, text, message):
     path = tmp_path / "c.yaml"
