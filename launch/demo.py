@@ -51,11 +51,11 @@ def cpu_recipe(quick: bool) -> Recipe:
     if quick:
         return Recipe("cpu-quick", cases=8, size=64, slices=(24, 32), encoder="resnet18",
                       decoder_channels=(64, 32, 16, 16, 16), steps=60, batch_size=16, lr=3e-3,
-                      warmup_steps=10, val_every=30, oversample_tumour=1.0, minutes=2,
+                      warmup_steps=10, val_every=30, oversample_tumour=1.0, minutes=1.5,
                       fractions=(0.625, 0.125, 0.25))
     return Recipe("cpu", cases=40, size=128, slices=(20, 32), encoder="resnet18",
                   decoder_channels=(64, 32, 16, 16, 16), steps=220, batch_size=16, lr=2e-3,
-                  warmup_steps=20, val_every=55, oversample_tumour=2.0, minutes=10)
+                  warmup_steps=20, val_every=55, oversample_tumour=2.0, minutes=8)
 
 
 def gpu_recipe(quick: bool) -> Recipe:
@@ -134,6 +134,62 @@ def train_model(recipe: Recipe, arch: str, shards: Path, run: Path) -> Path:
     return run / "best"
 
 
+def train_in_parallel(recipe: Recipe, archs: list[str], shards: Path, runs: Path) -> list[Path]:
+    """Train the models side by side, one process each, the cores shared between them.
+
+    On a CPU two single-thread processes train 1.28x more samples per second in all than
+    one process with two threads (measured on the development machine, 128², batch 16),
+    so the CPU demo trains both models at once. Progress is read from each run's history.
+    """
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    configs = {arch: train_config(recipe, arch, shards, runs / arch) for arch in archs}
+    todo = {arch: c for arch, c in configs.items() if not finished(Path(c.out), c)}
+    for arch in configs.keys() - todo.keys():
+        click.echo(f"    reusing {runs / arch}")
+    threads = str(max(1, (os.cpu_count() or 2) // max(1, len(todo))))
+    procs = {}
+    for arch, config in todo.items():
+        run = Path(config.out)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "history.jsonl").unlink(missing_ok=True)
+        settings = json.loads(json.dumps(config.replace(
+            resume="auto" if (run / "checkpoints").exists() else None).to_dict()))
+        (run / "demo-config.json").write_text(json.dumps(settings))  # JSON is valid YAML
+        log = open(run / "train.log", "w")
+        procs[arch] = (subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(run / "demo-config.json")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads}), log)
+    total = sum(c.steps for c in todo.values())
+    with tqdm(total=total, desc="training " + " + ".join(todo), unit="step") as bar:
+        while any(p.poll() is None for p, _ in procs.values()):
+            time.sleep(2)
+            bar.n = sum(last_step(Path(todo[a].out)) for a in procs)
+            bar.refresh()
+        bar.n = sum(last_step(Path(todo[a].out)) for a in procs)
+        bar.refresh()
+    for arch, (proc, log) in procs.items():
+        log.close()
+        if proc.returncode != 0:
+            tail = (Path(todo[arch].out) / "train.log").read_text()[-1500:]
+            raise click.ClickException(f"training {arch} failed (exit {proc.returncode}); "
+                                       f"{Path(todo[arch].out) / 'train.log'} ends with:\n{tail}")
+        best = json.loads((Path(todo[arch].out) / "best" / "config.json").read_text())["metrics"]
+        click.echo(f"    {arch}: best validation Dice liver {best['val/dice_liver']:.3f}, "
+                   f"tumour {best['val/dice_tumour']:.3f}")
+    return [runs / arch / "best" for arch in archs]
+
+
+def last_step(run: Path) -> int:
+    try:
+        lines = (run / "history.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
 def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | None):
     from liverseg.evaluate import EvalConfig, run_evaluation
 
@@ -162,17 +218,22 @@ def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
     click.echo(f"liverseg demo, recipe '{recipe.name}' on {where}: {recipe.cases} phantom cases at "
                f"{recipe.size}², U-Net and ResUNet ({recipe.encoder}, {recipe.steps} steps each); "
                f"about {recipe.minutes:g} minutes" + ("" if gpu else " on 2 cores") + f". Outputs in {out}/")
-    base = out / f"{recipe.name}-{recipe.size}px"
+    # one folder per recipe and case count: a run never reuses shards or models of another
+    base = out / f"{recipe.name}-{recipe.size}px-{recipe.cases}cases"
     start = time.perf_counter()
     try:
         stage("generating phantom CT cases", start)
         make_phantoms(recipe, base / "phantoms")
         stage("building shards", start)
         make_shards(recipe, base / "phantoms", base / "shards")
-        checkpoints = []
-        for arch in ("unet", "resunet"):
-            stage(f"training {arch}", start)
-            checkpoints.append(train_model(recipe, arch, base / "shards", base / "runs" / arch))
+        if gpu:  # one GPU: one model after the other, each with the whole card
+            checkpoints = []
+            for arch in ("unet", "resunet"):
+                stage(f"training {arch}", start)
+                checkpoints.append(train_model(recipe, arch, base / "shards", base / "runs" / arch))
+        else:
+            stage("training unet and resunet side by side", start)
+            checkpoints = train_in_parallel(recipe, ["unet", "resunet"], base / "shards", base / "runs")
         stage("evaluating each model, the ensemble and the postprocessed ensemble on held-out cases", start)
         result = evaluate(checkpoints, base / "shards", base / "eval", "cuda" if gpu else "cpu")
     except (LiversegError, ShardgenError) as exc:
