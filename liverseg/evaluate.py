@@ -9,7 +9,6 @@ writes metrics.csv, summary.json, the charts, the panels and report.html.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from shardgen.discover import CaseSource, discover, natural_key
 from shardgen.errors import InvalidCase, ShardgenError
-from shardgen.manifest import read_manifest
+from shardgen.manifest import read_manifest, write_json_atomic
 from shardgen.nifti import check_3d, check_finite, load_case, read_volume
 from shardgen.orientation import canonical_spacing, to_canonical
 
@@ -248,8 +247,7 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     sources, failed = find_cases(config.data, config.split, config.with_labels)
     out = Path(config.out)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json(out / "config.json", config.to_dict())
     results = []
     with accelerator.split_between_processes(sources) as mine:
         bar = tqdm(mine, desc="cases", unit="case", disable=not accelerator.is_local_main_process)
@@ -362,29 +360,20 @@ def slug(text: str) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # NaN (an undefined metric, see docs/METRICS.md) becomes null: strict JSON readers refuse NaN
-    tmp.write_text(json.dumps(nan_to_none(data), indent=2, default=json_default, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, plain(data))
 
 
-def nan_to_none(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """JSON-ready values: numpy scalars and arrays as Python ones, paths as text, and NaN or
+    inf (an undefined metric, see docs/METRICS.md) as null, since strict readers refuse NaN."""
     if isinstance(value, dict):
-        return {k: nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [nan_to_none(v) for v in value]
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(value) or math.isinf(value) else float(value)
-    return value
-
-
-def json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    return value
