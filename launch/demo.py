@@ -93,7 +93,7 @@ def make_shards(recipe: Recipe, phantoms: Path, shards: Path) -> None:
     # build_shards resumes by itself: finished cases are kept, so a rerun costs seconds
     result = build_shards(BuildConfig(inputs=(phantoms,), out=shards, preprocessing=Preprocessing(size=recipe.size),
                                       fractions=recipe.fractions, seed=recipe.seed,
-                                      workers=min(2, os.cpu_count() or 1)))
+                                      workers=min(max(2, recipe.workers), os.cpu_count() or 1)))
     totals = result.manifest["totals"]
     click.echo("    " + ", ".join(f"{s}: {t['cases']} cases / {t['targets']} slices" for s, t in totals.items()))
 
@@ -130,7 +130,9 @@ def train_model(recipe: Recipe, arch: str, shards: Path, run: Path) -> Path:
         click.echo(f"    reusing {run}")
     else:
         result = train(config.replace(resume="auto" if (run / "checkpoints").exists() else None))
-        click.echo(f"    {arch}: best validation Dice {result.best}")
+        best = result.best
+        click.echo(f"    {arch}: best validation Dice liver {best['val/dice_liver']:.3f}, "
+                   f"tumour {best['val/dice_tumour']:.3f}")
     return run / "best"
 
 
