@@ -12,10 +12,10 @@ import torch
 from liverseg import lits
 from liverseg.errors import ConfigError
 from liverseg.inference import (ENSEMBLE, Member, load_members, member_name, predict_volume,
-                                prediction_name, write_labels)
+                                prediction_name, preprocess_torch, write_labels)
 from liverseg.models import ModelSpec, create_model, export_checkpoint
 from shardgen.nifti import load_case
-from shardgen.preprocess import Preprocessing
+from shardgen.preprocess import Preprocessing, preprocess_image
 
 from conftest import save_canonical
 
@@ -46,12 +46,19 @@ def geometry_case(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "volume-7.nii.gz", tmp_path / "segmentation-7.nii.gz"
 
 
+# the CUDA path stages batches through pinned buffers and preprocesses with torch: same answers
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size, min_dice", [(384, 1.0), (64, 0.9)], ids=["no-resize", "resized-to-64"])
-def test_prediction_has_the_inputs_shape_and_affine(tmp_path, size, min_dice):
+def test_prediction_has_the_inputs_shape_and_affine(tmp_path, size, min_dice, device):
     vol, seg = geometry_case(tmp_path)
     case = load_case(vol, seg)
     member = Member("oracle", tmp_path, Oracle(), Preprocessing(size=size, context=1))
-    pred = predict_volume([member], case.image, torch.device("cpu"), batch_size=4)
+    pred = predict_volume([member], case.image, torch.device(device), batch_size=4)
+    assert pred.labels[ENSEMBLE] is pred.labels["oracle"]  # one member: its labels are the ensemble's
     out = write_labels(tmp_path / "out" / prediction_name("volume-7", True), pred.labels[ENSEMBLE], case.affine)
     written, truth = nib.load(out), nib.load(seg)
     assert out.name == "segmentation-7.nii.gz"
@@ -67,13 +74,14 @@ def test_prediction_has_the_inputs_shape_and_affine(tmp_path, size, min_dice):
         assert np.array_equal(got, want)
 
 
-def test_ensemble_averages_probabilities_and_flips_change_nothing_for_a_symmetric_model(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ensemble_averages_probabilities_and_flips_change_nothing_for_a_symmetric_model(tmp_path, device):
     vol, seg = geometry_case(tmp_path)
     case = load_case(vol, seg)
     pre = Preprocessing(size=64, context=1)
     members = [Member("a", tmp_path, Oracle(), pre), Member("b", tmp_path, Oracle(), pre)]
-    plain = predict_volume(members, case.image, torch.device("cpu"), batch_size=3)
-    flipped = predict_volume(members, case.image, torch.device("cpu"), batch_size=5, tta="flips")
+    plain = predict_volume(members, case.image, torch.device(device), batch_size=3)
+    flipped = predict_volume(members, case.image, torch.device(device), batch_size=5, tta="flips")
     assert set(plain.labels) == {"a", "b", ENSEMBLE}
     assert np.array_equal(plain.labels["a"], plain.labels[ENSEMBLE])
     assert np.array_equal(plain.labels[ENSEMBLE], flipped.labels[ENSEMBLE])
@@ -113,3 +121,21 @@ def test_member_names(path, taken, name):
 ])
 def test_prediction_names_follow_lits(case, compressed, name):
     assert prediction_name(case, compressed) == name
+
+
+@pytest.mark.parametrize("shape, size, dtype", [((40, 64, 64), 64, np.int16), ((37, 100, 90), 64, np.int16),
+                                                 ((5, 48, 40), 64, np.float32)])
+def test_preprocessing_on_an_accelerator_is_shardgens(shape, size, dtype):
+    """The torch preprocessing that inference runs on an accelerator (here run on the CPU)
+    gives the slices shardgen writes into shards: identical without a resize, at most one
+    grey level apart (rounding at a half) in a few pixels with one."""
+    hu = np.random.default_rng(sum(shape)).normal(100, 300, shape).astype(dtype)
+    pre = Preprocessing(size=size)
+    ours = preprocess_torch(torch.from_numpy(hu), pre)
+    assert np.array_equal(hu, np.random.default_rng(sum(shape)).normal(100, 300, shape).astype(dtype))  # input untouched
+    assert ours.dtype == torch.uint8 and tuple(ours.shape) == (shape[0], size, size)
+    diff = np.abs(ours.numpy().astype(int) - preprocess_image(hu, pre).astype(int))
+    if shape[1:] == (size, size):
+        assert diff.max() == 0
+    else:
+        assert diff.max() <= 1 and diff.mean() < 1e-3
