@@ -107,10 +107,7 @@ def train_config(recipe: Recipe, arch: str, shards: Path, run: Path):
                        batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                        val_every=recipe.val_every, save_every=recipe.steps, log_every=10,
                        workers=recipe.workers, oversample_tumour=recipe.oversample_tumour,
-                       class_weights=recipe.class_weights,
-                       # the liver lies on the patient's right: a mirrored abdomen would put the
-                       # spleen, of nearly the liver's density, where the liver belongs
-                       augment=AugmentConfig(flip_lr=0.0), seed=recipe.seed)
+                       class_weights=recipe.class_weights, augment=AugmentConfig(), seed=recipe.seed)
 
 
 def finished(run: Path, config) -> bool:

@@ -21,8 +21,9 @@ _ALIGN_CORNERS = False
 class AugmentConfig:
     """Settings of `BatchAugment`; set a field to 0 (or ``(1.0, 1.0)``) to turn it off.
 
-    flip_lr: chance of a left-right flip. 0.5: livers sit on one side of the body, but a
-        mirrored abdomen still has plausible organ shapes, and it doubles the shapes seen.
+    flip_lr: chance of a left-right flip. 0: preprocessing fixes the orientation, and the
+        liver lies on the patient's right; a mirrored abdomen puts the spleen, of nearly
+        the liver's density, where the liver belongs (situs inversus is about 1 in 10 000).
     flip_ud: chance of an up-down (anterior-posterior) flip. 0: preprocessing fixes the
         orientation, and no real scan shows the spine above the belly.
     rotate_deg: rotation drawn uniformly from ±rotate_deg. 10: patients lie a little
@@ -38,7 +39,7 @@ class AugmentConfig:
         1.0: every sample, since each transform above already has its own mild range.
     """
 
-    flip_lr: float = 0.5
+    flip_lr: float = 0.0
     flip_ud: float = 0.0
     rotate_deg: float = 10.0
     scale: tuple[float, float] = (0.9, 1.1)
