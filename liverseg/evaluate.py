@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from shardgen.discover import CaseSource, discover, natural_key
 from shardgen.errors import InvalidCase, ShardgenError
 from shardgen.manifest import read_manifest, write_json_atomic
-from shardgen.nifti import check_3d, check_finite, load_case, read_volume
-from shardgen.orientation import canonical_spacing, to_canonical
+from shardgen.nifti import load_case, load_image
 
 from . import __version__, lits, report
 from .errors import ConfigError
@@ -137,13 +136,6 @@ def locate(file: str | None, manifest: Path) -> Path | None:
     return manifest.parent / path
 
 
-def load_image_only(source: CaseSource) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    volume = read_volume(source.image)
-    check_3d(volume)
-    check_finite(volume)
-    return to_canonical(volume.data, volume.affine), volume.affine, canonical_spacing(volume.affine)
-
-
 # --------------------------------------------------------------------------- one case
 
 def choose_panels(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, window) -> tuple[dict, dict | None]:
@@ -165,12 +157,8 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     """Predict, postprocess, write and (with labels) score one case."""
     result = CaseResult(source.case)
     start = time.perf_counter()
-    if config.with_labels:
-        case = load_case(source.image, source.label)
-        image, truth, affine, spacing = case.image, case.label, case.affine, case.spacing
-    else:
-        image, affine, spacing = load_image_only(source)
-        truth = None
+    case = load_case(source.image, source.label) if config.with_labels else load_image(source.image)
+    image, truth, affine, spacing = case.image, case.label, case.affine, case.spacing
     result.seconds["load"] = time.perf_counter() - start
     prediction = predict_volume(members, image, device, config.batch_size, config.tta)
     result.seconds.update({f"infer/{k}": v for k, v in prediction.seconds.items()})

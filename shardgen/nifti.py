@@ -35,10 +35,11 @@ class Volume:
 
 @dataclass(frozen=True)
 class Case:
-    """A validated image/label pair, viewed in the canonical (z, row, col) orientation."""
+    """A validated image/label pair, viewed in the canonical (z, row, col) orientation
+    (``label`` is None for an image read alone, by :func:`load_image`)."""
 
     image: np.ndarray
-    label: np.ndarray
+    label: np.ndarray | None
     affine: np.ndarray
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -139,11 +140,25 @@ def label_as_uint8(label: Volume) -> np.ndarray:
     return data.astype(np.uint8, copy=False)
 
 
-def load_case(image_path: str | Path, label_path: str | Path | None) -> Case:
-    """Read and validate an image/label pair; :class:`InvalidCase` names the file and reason."""
-    image = read_volume(image_path)
+def read_image(path: str | Path) -> Volume:
+    """Read an image volume and check that it is 3D and finite."""
+    image = read_volume(path)
     check_3d(image)
     check_finite(image)
+    return image
+
+
+def load_image(path: str | Path) -> Case:
+    """Read and validate an image without a label (one to predict); ``label`` is None."""
+    image = read_image(path)
+    canon_image = to_canonical(image.data, image.affine)
+    return Case(canon_image, None, image.affine, tuple(canon_image.shape),  # type: ignore[arg-type]
+                canonical_spacing(image.affine))
+
+
+def load_case(image_path: str | Path, label_path: str | Path | None) -> Case:
+    """Read and validate an image/label pair; :class:`InvalidCase` names the file and reason."""
+    image = read_image(image_path)
     if label_path is None:
         raise InvalidCase(image_path, "missing label file")
     label = read_volume(label_path)
