@@ -37,6 +37,11 @@ class AugmentConfig:
         are that much noisier than the typical training scan.
     p: chance that a sample is augmented at all; the others pass through unchanged.
         1.0: every sample, since each transform above already has its own mild range.
+    crop: train on a random crop × crop window of every slice (each sample its own,
+        after the other transforms; p does not apply). 0: whole slices. A fully
+        convolutional net trained on windows still predicts whole slices, so shards of a
+        finer size train at the cost of the window: more pixels per lesion for the same
+        compute, at the price of less context per step. A multiple of 32.
     """
 
     flip_lr: float = 0.0
@@ -47,6 +52,7 @@ class AugmentConfig:
     intensity_scale: tuple[float, float] = (0.9, 1.1)
     noise_std: float = 0.02
     p: float = 1.0
+    crop: int = 0
 
     def __post_init__(self):
         for name in ("scale", "intensity_scale"):
@@ -59,6 +65,9 @@ class AugmentConfig:
         for name in ("rotate_deg", "intensity_shift", "noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+        if self.crop < 0 or self.crop % 32:
+            raise ConfigError(f"augment crop must be 0 (whole slices) or a positive multiple of 32, "
+                              f"got {self.crop}")
 
     @property
     def flips_only(self) -> bool:
@@ -76,7 +85,7 @@ class AugmentConfig:
 
     @property
     def identity(self) -> bool:
-        return self.p == 0 or not (self.geometric or self.photometric)
+        return not self.crop and (self.p == 0 or not (self.geometric or self.photometric))
 
 
 def _range_pair(name: str, value) -> tuple[float, float]:
@@ -215,7 +224,11 @@ class BatchAugment:
         if config.identity:
             return image, mask
         batch, _, height, width = image.shape
-        chosen = _chance(config.p, batch, generator, image.device) if config.p < 1 else None
+        if config.crop and (config.crop > height or config.crop > width):
+            raise ValueError(f"augment crop {config.crop} is larger than the {height}x{width} slices")
+        chosen = _chance(config.p, batch, generator, image.device) if config.p < 1 and config.p > 0 else None
+        if config.p == 0:
+            return random_crop(config.crop, image, mask, generator)
         out_image, out_mask = image, mask
         if config.flips_only:
             out_image, out_mask = random_flips(config, out_image, out_mask, generator)
@@ -229,7 +242,28 @@ class BatchAugment:
         if chosen is not None:
             out_image = _where_sample(chosen, out_image, image)
             out_mask = _where_sample(chosen, out_mask, mask)
+        if config.crop:
+            out_image, out_mask = random_crop(config.crop, out_image, out_mask, generator)
         return _like(out_image, image), out_mask
+
+
+def random_crop(size: int, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A size × size window of each sample (B, C, H, W) / (B, H, W), each at its own
+    uniformly drawn position; ``size`` 0 returns the input."""
+    if not size:
+        return image, mask
+    batch, _, height, width = image.shape
+    top = (torch.rand(batch, generator=generator, device=image.device) * (height - size + 1)).long()
+    left = (torch.rand(batch, generator=generator, device=image.device) * (width - size + 1)).long()
+    steps = torch.arange(size, device=image.device)
+    rows = (top[:, None] + steps)[:, :, None]  # (B, size, 1)
+    cols = (left[:, None] + steps)[:, None, :]  # (B, 1, size)
+    samples = torch.arange(batch, device=image.device)[:, None, None]
+    crop_image = image.permute(0, 2, 3, 1)[samples, rows, cols].permute(0, 3, 1, 2)  # channels_last
+    if image.is_contiguous():  # keep the input's memory format
+        crop_image = crop_image.contiguous()
+    return crop_image, mask[samples, rows, cols]
 
 
 def _like(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

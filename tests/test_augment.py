@@ -222,7 +222,7 @@ def test_no_autograd_graph_is_built():
 @pytest.mark.parametrize("changes", [
     dict(flip_lr=1.5), dict(flip_ud=-0.1), dict(p=2.0), dict(rotate_deg=-5.0),
     dict(noise_std=-0.1), dict(intensity_shift=-0.1), dict(scale=(1.1, 0.9)),
-    dict(scale=(0.0, 1.0)), dict(intensity_scale=(1.0,)), dict(scale=1.1),
+    dict(scale=(0.0, 1.0)), dict(intensity_scale=(1.0,)), dict(scale=1.1), dict(crop=48), dict(crop=-32),
 ], ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()))
 def test_bad_config_is_a_config_error(changes):
     with pytest.raises(ConfigError, match=next(iter(changes))):
@@ -238,3 +238,32 @@ def test_wrong_shapes_are_rejected():
     image, mask = random_batch()
     with pytest.raises(ValueError, match="mask"):
         BatchAugment()(image, mask[:, :-1])
+
+
+# --------------------------------------------------------------------------- crops
+
+@pytest.mark.parametrize("config", [only(crop=32), AugmentConfig(crop=32), AugmentConfig(crop=32, p=0.0)],
+                         ids=["crop only", "crop after the default transforms", "p=0 still crops"])
+def test_crop_gives_windows_registered_to_their_masks(config):
+    image, mask = phantom_batch(batch=8)
+    out_image, out_mask = BatchAugment(config)(image, mask, seeded(5))
+    assert out_image.shape == (8, 3, 32, 32) and out_mask.shape == (8, 32, 32)
+    assert labels_agree(out_image, out_mask) >= 0.99
+    if config == only(crop=32):  # exact windows of the input, not all at the same place
+        corners = set()
+        for i in range(8):
+            hits = [(r, c) for r in range(SIZE - 31) for c in range(SIZE - 31)
+                    if torch.equal(mask[i, r:r + 32, c:c + 32], out_mask[i])
+                    and torch.equal(image[i, :, r:r + 32, c:c + 32], out_image[i])]
+            assert hits, i
+            corners.add(hits[0])
+        assert len(corners) > 1
+
+
+def test_crop_keeps_channels_last_and_refuses_a_window_larger_than_the_slice():
+    image, mask = random_batch(batch=2, channels=3)
+    out_image, _ = BatchAugment(only(crop=32))(image.contiguous(memory_format=torch.channels_last), mask, seeded())
+    assert out_image.is_contiguous(memory_format=torch.channels_last)
+    assert BatchAugment(only(crop=32))(image, mask, seeded())[0].is_contiguous()
+    with pytest.raises(ValueError, match="crop 96"):
+        BatchAugment(only(crop=96))(image, mask)
