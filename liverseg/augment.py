@@ -226,7 +226,7 @@ class BatchAugment:
         batch, _, height, width = image.shape
         if config.crop and (config.crop > height or config.crop > width):
             raise ValueError(f"augment crop {config.crop} is larger than the {height}x{width} slices")
-        chosen = _chance(config.p, batch, generator, image.device) if config.p < 1 and config.p > 0 else None
+        chosen = _chance(config.p, batch, generator, image.device) if 0 < config.p < 1 else None
         if config.p == 0:
             return random_crop(config.crop, image, mask, generator)
         out_image, out_mask = image, mask

@@ -148,12 +148,16 @@ def read_image(path: str | Path) -> Volume:
     return image
 
 
+def canonical_case(image: Volume, labels: np.ndarray | None) -> Case:
+    """An image (and its uint8 labels, if any) viewed in the canonical orientation."""
+    canon_image = to_canonical(image.data, image.affine)
+    return Case(canon_image, None if labels is None else to_canonical(labels, image.affine), image.affine,
+                tuple(canon_image.shape), canonical_spacing(image.affine))  # type: ignore[arg-type]
+
+
 def load_image(path: str | Path) -> Case:
     """Read and validate an image without a label (one to predict); ``label`` is None."""
-    image = read_image(path)
-    canon_image = to_canonical(image.data, image.affine)
-    return Case(canon_image, None, image.affine, tuple(canon_image.shape),  # type: ignore[arg-type]
-                canonical_spacing(image.affine))
+    return canonical_case(read_image(path), None)
 
 
 def load_case(image_path: str | Path, label_path: str | Path | None) -> Case:
@@ -164,7 +168,4 @@ def load_case(image_path: str | Path, label_path: str | Path | None) -> Case:
     label = read_volume(label_path)
     check_3d(label)
     check_pair(image, label)
-    labels = label_as_uint8(label)
-    canon_image = to_canonical(image.data, image.affine)
-    return Case(canon_image, to_canonical(labels, image.affine), image.affine,
-                tuple(canon_image.shape), canonical_spacing(image.affine))  # type: ignore[arg-type]
+    return canonical_case(image, label_as_uint8(label))
