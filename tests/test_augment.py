@@ -223,6 +223,7 @@ def test_no_autograd_graph_is_built():
     dict(flip_lr=1.5), dict(flip_ud=-0.1), dict(p=2.0), dict(rotate_deg=-5.0),
     dict(noise_std=-0.1), dict(intensity_shift=-0.1), dict(scale=(1.1, 0.9)),
     dict(scale=(0.0, 1.0)), dict(intensity_scale=(1.0,)), dict(scale=1.1), dict(crop=48), dict(crop=-32),
+    dict(crop_foreground=1.5),
 ], ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()))
 def test_bad_config_is_a_config_error(changes):
     with pytest.raises(ConfigError, match=next(iter(changes))):
@@ -267,3 +268,42 @@ def test_crop_keeps_channels_last_and_refuses_a_window_larger_than_the_slice():
     assert BatchAugment(only(crop=32))(image, mask, seeded())[0].is_contiguous()
     with pytest.raises(ValueError, match="crop 96"):
         BatchAugment(only(crop=96))(image, mask)
+
+
+def small_objects(batch: int = 6) -> torch.Tensor:
+    """Masks with a 3x3 tumour (samples 0, 3), a 4x4 liver patch only (1, 4) or nothing
+    (2, 5), each in a corner region a uniform 32 px window misses most of the time."""
+    mask = torch.zeros(batch, SIZE, SIZE, dtype=torch.uint8)
+    for i in range(batch):
+        if i % 3 == 0:
+            mask[i, 58:61, 2:5] = 2
+            mask[i, 2:6, 58:62] = 1  # liver elsewhere: the tumour must win
+        elif i % 3 == 1:
+            mask[i, 2:6, 2:6] = 1
+    return mask
+
+
+def test_foreground_crop_puts_the_tumour_else_the_liver_in_every_window():
+    mask = small_objects()
+    image = mask[:, None].float().repeat(1, 3, 1, 1)
+    for seed in range(10):
+        out_image, out_mask = BatchAugment(only(crop=32, crop_foreground=1.0))(image, mask, seeded(seed))
+        assert torch.equal(out_image[:, 0].to(torch.uint8), out_mask)  # still registered
+        for i in range(len(mask)):
+            expected = {0: 2, 1: 1, 2: 0}[i % 3]
+            assert int(out_mask[i].max()) == expected, (seed, i)
+            if expected:  # the whole 3x3 / 4x4 object: it lies in the window's middle half
+                assert int((out_mask[i] == expected).sum()) == int((mask[i] == expected).sum()), (seed, i)
+
+
+def test_foreground_crop_chance_is_per_sample_and_zero_is_the_uniform_window():
+    mask = small_objects(batch=300)
+    image = mask[:, None].float()
+    _, out_mask = BatchAugment(only(crop=32, crop_foreground=0.5))(image, mask, seeded(1))
+    tumour_seen = (out_mask[::3] == 2).flatten(1).any(1).float().mean().item()
+    uniform_seen = 6 / 33 * 5 / 33  # a uniform window shows rows 58-60 for 6 of 33 tops, cols 2-4 for 5 lefts
+    assert 0.35 < tumour_seen < 0.7, tumour_seen  # about 0.5 + 0.5 * uniform_seen
+    plain = BatchAugment(only(crop=32))(image, mask, seeded(1))
+    zero = BatchAugment(only(crop=32, crop_foreground=0.0))(image, mask, seeded(1))
+    assert torch.equal(plain[1], zero[1]) and torch.equal(plain[0], zero[0])
+    assert (plain[1][::3] == 2).flatten(1).any(1).float().mean().item() < 0.1 + uniform_seen
