@@ -3,6 +3,7 @@
     liverseg-eval run --checkpoint runs/unet/best --checkpoint runs/resunet/best \\
         --data /data/LiTS --out eval
     liverseg-eval predict --checkpoint runs/unet/best --data /data/LiTS-test --out submission
+    liverseg-eval tune --checkpoint runs/unet/best --data shards --split val --out tuned
     accelerate launch -m liverseg.eval_cli run ...   # cases split across processes
 """
 
@@ -35,7 +36,9 @@ def friendly_errors(command):
     return wrapper
 
 
-def shared_options(command):
+def shared_options(command=None, split: str = "test"):
+    if command is None:
+        return functools.partial(shared_options, split=split)
     options = [
         click.option("--checkpoint", "checkpoints", multiple=True, required=True,
                      help="Exported checkpoint folder (model.safetensors + config.json); "
@@ -43,7 +46,7 @@ def shared_options(command):
         click.option("--data", required=True,
                      help="LiTS or MSD Task03 folder, or a shard folder / manifest.json "
                           "(its --split cases are read from their source NIfTI)."),
-        click.option("--split", default="test", show_default=True,
+        click.option("--split", default=split, show_default=True,
                      help="Which split of a shard manifest to evaluate."),
         click.option("--out", required=True, help="Output folder."),
         click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
@@ -93,6 +96,29 @@ def predict(**options) -> None:
     from .evaluate import EvalConfig, run_evaluation
 
     finish(run_evaluation(EvalConfig(**options, with_labels=False)))
+
+
+@main.command()
+@shared_options(split="val")
+@friendly_errors
+def tune(**options) -> None:
+    """Choose the postprocessing's smallest-lesion cut-off (remove_small_lesions) on
+    labelled validation cases: the one with the best mean per-case tumour Dice. Writes
+    postprocess.json, to pass to `run --postprocess`, and tuning.json into --out. The
+    --postprocess chain is the one tuned. Tune on validation cases, never on the test cases
+    you report."""
+    from .evaluate import EvalConfig, tune_postprocess
+
+    result = tune_postprocess(EvalConfig(**options, with_labels=True))
+    if not result.is_main:
+        return
+    click.echo("min lesion volume (mm³)   mean tumour Dice per case")
+    for volume, mean in result.mean_dice.items():
+        mark = "  <- chosen" if volume == result.min_volume_mm3 else ""
+        click.echo(f"{volume:>23g}   {mean:.3f}{mark}")
+    for item in result.failed:
+        click.echo(f"failed: {item['case']}: {item['error']}", err=True)
+    click.echo(f"{result.cases} case(s); postprocessing written to {result.postprocess}")
 
 
 def print_table(summary: dict) -> None:

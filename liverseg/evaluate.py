@@ -29,7 +29,7 @@ from . import __version__, lits, report
 from .errors import ConfigError
 from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name,
                         write_labels)
-from .postprocess import Postprocess, default_postprocess
+from .postprocess import MIN_LESION_CANDIDATES_MM3, Postprocess, default_postprocess, with_min_lesion_volume
 
 log = logging.getLogger(__name__)
 POSTPROCESSED = "ensemble+postprocess"
@@ -261,7 +261,7 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     return EvalResult(out, len(done), failed, summary, report_path)
 
 
-def gather(accelerator, results: list[CaseResult]) -> list[CaseResult]:
+def gather(accelerator, results: list) -> list:
     if accelerator.num_processes == 1:
         return results
     from accelerate.utils import gather_object
@@ -297,6 +297,7 @@ def build_summary(results: list[CaseResult], failed: list[dict], members: list[M
     return {"variants": variants, "cases": len(results), "failed": failed,
             "timings": timings(results), "config": config.to_dict(),
             "checkpoints": {m.name: str(m.path) for m in members},
+            "postprocess_steps": load_postprocess(config.postprocess).to_dict()["steps"],
             "preprocessing": members[0].preprocessing.to_dict(), "liverseg_version": __version__}
 
 
@@ -339,6 +340,91 @@ def write_outputs(results: list[CaseResult], failed: list[dict], members: list[M
     if config.report_to == "wandb":
         report.log_wandb(summary, rows, charts, panels, out)
     return summary, html
+
+
+# --------------------------------------------------------------------------- tuning
+
+def tumour_dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two tumour masks, 1 when both are empty (LiTS's per-case convention)."""
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
+
+
+def cutoff_dice(labels: np.ndarray, truth_tumour: np.ndarray, spacing, chains: dict[float, Postprocess]
+                ) -> dict[float, float]:
+    """Tumour Dice of one case's labels after each candidate chain."""
+    return {volume: tumour_dice(chain(labels, spacing) == 2, truth_tumour) for volume, chain in chains.items()}
+
+
+def choose_min_lesion_volume(dice: dict[float, list[float]]) -> float:
+    """The cut-off with the highest mean per-case tumour Dice; of equal means (to 1e-9),
+    the smallest, which removes the least."""
+    means = {volume: float(np.mean(values)) for volume, values in dice.items()}
+    best = max(means.values())
+    return min(volume for volume, mean in means.items() if mean >= best - 1e-9)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    postprocess: Path  # the chosen chain, for --postprocess
+    min_volume_mm3: float
+    mean_dice: dict[float, float]  # candidate → mean per-case tumour Dice
+    cases: int
+    failed: list[dict]
+    is_main: bool = True
+
+
+def tune_postprocess(config: EvalConfig, candidates: tuple[float, ...] = MIN_LESION_CANDIDATES_MM3
+                     ) -> TuneResult:
+    """Choose the postprocessing's smallest-lesion cut-off on labelled cases (a validation
+    split, never the test cases): the ensemble predicts each case once, the chain
+    (``config.postprocess``) runs with every candidate ``min_volume_mm3``, and the one with
+    the best mean per-case tumour Dice wins. Writes OUT/postprocess.json (the chain, for
+    ``--postprocess``) and OUT/tuning.json (every candidate's Dice per case).
+
+    A small blob of tumour in a tumour-free case costs that case its whole tumour Dice
+    (1 → 0), while a lesion of that size that is really there adds little to a case's
+    Dice; where the balance lies depends on the model, so it is measured, not assumed.
+    """
+    if not candidates or any(v < 0 for v in candidates):
+        raise ConfigError(f"min lesion volume candidates must be >= 0 mm³, got {candidates}")
+    accelerator = make_accelerator()
+    device = resolve_device(config, accelerator)
+    members = load_members(list(config.checkpoints), device)
+    base = load_postprocess(config.postprocess)
+    chains = {float(v): with_min_lesion_volume(base, v) for v in candidates}
+    sources, failed = find_cases(config.data, config.split, with_labels=True)
+    rows = []
+    with accelerator.split_between_processes(sources) as mine:
+        bar = tqdm(mine, desc="tuning", unit="case", disable=not accelerator.is_local_main_process)
+        for source in bar:
+            bar.set_postfix_str(source.case)
+            try:
+                case = load_case(source.image, source.label)
+            except InvalidCase as exc:
+                log.error("%s", exc)
+                rows.append({"case": source.case, "error": str(exc)})
+                continue
+            labels = predict_volume(members, case.image, device, config.batch_size, config.tta).labels
+            ensemble = labels[ENSEMBLE] if ENSEMBLE in labels else labels[members[0].name]
+            rows.append({"case": source.case, "dice": cutoff_dice(ensemble, case.label == 2, case.spacing, chains)})
+    rows = gather(accelerator, rows)
+    if not accelerator.is_main_process:
+        return TuneResult(Path(config.out) / "postprocess.json", math.nan, {}, len(rows), failed, is_main=False)
+    failed = failed + [{"case": r["case"], "error": r["error"]} for r in rows if "error" in r]
+    done = sorted((r for r in rows if "error" not in r), key=lambda r: natural_key(r["case"]))
+    if not done:
+        raise ConfigError(f"{config.data}: no {config.split!r} case could be used for tuning")
+    dice = {volume: [r["dice"][volume] for r in done] for volume in chains}
+    chosen = choose_min_lesion_volume(dice)
+    out = Path(config.out)
+    write_json(out / "postprocess.json", chains[chosen].to_dict())
+    means = {volume: float(np.mean(values)) for volume, values in dice.items()}
+    write_json(out / "tuning.json", {
+        "chosen_min_volume_mm3": chosen, "split": config.split, "config": config.to_dict(),
+        "mean_tumour_dice": {f"{v:g}": m for v, m in means.items()},
+        "cases": {r["case"]: {f"{v:g}": d for v, d in r["dice"].items()} for r in done}, "failed": failed})
+    return TuneResult(out / "postprocess.json", chosen, means, len(done), failed)
 
 
 def slug(text: str) -> str:

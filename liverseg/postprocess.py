@@ -457,6 +457,21 @@ class Postprocess:
         return cls.from_dict(data, str(path))
 
 
+# min_volume_mm3 values `liverseg-eval tune` tries: balls of about 2.7, 4.6, 5.8, 7.3, 9.8,
+# 12.4 and 15.6 mm across
+MIN_LESION_CANDIDATES_MM3 = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+
+
+def with_min_lesion_volume(chain: Postprocess, min_volume_mm3: float) -> Postprocess:
+    """``chain`` with every `RemoveSmallLesions` set to ``min_volume_mm3``; a chain without
+    one gets it appended."""
+    step = RemoveSmallLesions(min_volume_mm3=float(min_volume_mm3))
+    steps = [step if isinstance(s, RemoveSmallLesions) else s for s in chain.steps]
+    if step not in steps:
+        steps.append(step)
+    return Postprocess(steps)
+
+
 def default_postprocess() -> Postprocess:
     """Largest liver component, 3D hole filling, tumour components under 10 mm³ removed
     (docs/METRICS.md says why these and not the others)."""

@@ -13,14 +13,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
+from liverseg import lits
 from liverseg.config import TrainConfig
+from liverseg.errors import ConfigError
 from liverseg.eval_cli import main as eval_main
-from liverseg.evaluate import POSTPROCESSED, EvalConfig, find_cases, run_evaluation
+from liverseg.evaluate import (POSTPROCESSED, EvalConfig, choose_min_lesion_volume, cutoff_dice, find_cases,
+                               run_evaluation, tumour_dice, tune_postprocess)
+from liverseg.inference import load_members, predict_volume
+from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, Postprocess, RemoveSmallLesions, default_postprocess,
+                                  with_min_lesion_volume)
 from liverseg.train import train
 from shardgen.build import BuildConfig, build_shards
 from shardgen.manifest import read_manifest
+from shardgen.nifti import load_case
 from shardgen.preprocess import Preprocessing
 
 from conftest import write_blob_case
@@ -154,3 +162,70 @@ def test_two_processes_split_the_cases_and_the_main_one_reports(shards, checkpoi
     test_cases = [c for c, s in read_manifest(shards)["split_assignment"].items() if s == "test"]
     assert summary["cases"] == len(test_cases)
     assert done.stdout.count("report:") == 1
+
+
+# --------------------------------------------------------------------------- tuning
+
+def test_tumour_dice_is_lits_dice_with_both_empty_scoring_one():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pred, ref = rng.random((2, 4, 6, 6)) < rng.random()
+        assert tumour_dice(pred, ref) == pytest.approx(lits.binary_scores(pred, ref, (1, 1, 1))["dice"])
+    empty = np.zeros((2, 3, 3), bool)
+    some = empty.copy()
+    some[0, 0, 0] = True
+    assert tumour_dice(empty, empty) == 1.0 and tumour_dice(some, empty) == 0.0 and tumour_dice(empty, some) == 0.0
+
+
+def test_a_false_blob_in_a_tumour_free_case_goes_only_above_its_volume():
+    labels = np.zeros((6, 20, 20), np.uint8)
+    labels[:, 2:18, 2:18] = 1
+    labels[1:4, 5:8, 5:8] = 2  # 27 voxels of 2 mm³: 54 mm³ of false tumour
+    chains = {v: with_min_lesion_volume(default_postprocess(), v) for v in (10.0, 50.0, 100.0)}
+    no_tumour = np.zeros(labels.shape, bool)
+    assert cutoff_dice(labels, no_tumour, (2, 1, 1), chains) == {10.0: 0.0, 50.0: 0.0, 100.0: 1.0}
+    truth = labels == 2  # the same blob, now real: every cut-off that keeps it scores 1
+    assert cutoff_dice(labels, truth, (2, 1, 1), chains) == {10.0: 1.0, 50.0: 1.0, 100.0: 0.0}
+
+
+def test_the_best_mean_wins_and_ties_go_to_the_smallest_cut_off():
+    assert choose_min_lesion_volume({10.0: [0.0, 0.9], 200.0: [1.0, 0.9], 500.0: [1.0, 0.0]}) == 200.0
+    assert choose_min_lesion_volume({10.0: [0.5, 0.5], 50.0: [0.5, 0.5], 5.0: [0.2, 0.2]}) == 10.0
+
+
+def test_with_min_lesion_volume_replaces_or_appends_the_step():
+    chain = with_min_lesion_volume(default_postprocess(), 300)
+    assert [s.name for s in chain.steps] == [s.name for s in default_postprocess().steps]
+    assert chain.steps[-1] == RemoveSmallLesions(min_volume_mm3=300.0)
+    assert with_min_lesion_volume(Postprocess([]), 50).steps == (RemoveSmallLesions(min_volume_mm3=50.0),)
+
+
+def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_choice(shards, checkpoints, tmp_path):
+    tuned = tmp_path / "tuned"
+    done = CliRunner().invoke(eval_main, ["tune", *[a for c in checkpoints for a in ("--checkpoint", c)],
+                                          "--data", str(shards), "--out", str(tuned), "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tuned / "tuning.json").read_text())
+    val_cases = sorted(c for c, s in read_manifest(shards)["split_assignment"].items() if s == "val")
+    assert sorted(report["cases"]) == val_cases and report["split"] == "val"
+    # each figure is what the ensemble's labels score after that cut-off, recomputed here
+    members = load_members(checkpoints, torch.device("cpu"))
+    chains = {v: with_min_lesion_volume(default_postprocess(), v) for v in MIN_LESION_CANDIDATES_MM3}
+    for source in find_cases(shards, "val", with_labels=True)[0]:
+        case = load_case(source.image, source.label)
+        labels = predict_volume(members, case.image, torch.device("cpu"), 16).labels["ensemble"]
+        expected = cutoff_dice(labels, case.label == 2, case.spacing, chains)
+        assert report["cases"][source.case] == {f"{v:g}": pytest.approx(d) for v, d in expected.items()}
+    means = {v: np.mean([report["cases"][c][f"{v:g}"] for c in val_cases]) for v in MIN_LESION_CANDIDATES_MM3}
+    assert report["chosen_min_volume_mm3"] == choose_min_lesion_volume({v: [m] for v, m in means.items()})
+    chosen = Postprocess.from_json(tuned / "postprocess.json")
+    assert chosen == chains[report["chosen_min_volume_mm3"]] and "<- chosen" in done.output
+    out = tmp_path / "eval"
+    run_evaluation(EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(out),
+                              postprocess=str(tuned / "postprocess.json")))
+    assert json.loads((out / "summary.json").read_text())["postprocess_steps"] == chosen.to_dict()["steps"]
+
+
+def test_tune_refuses_negative_cut_offs(checkpoints, shards, tmp_path):
+    with pytest.raises(ConfigError, match="candidates"):
+        tune_postprocess(EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(tmp_path)), (10.0, -1.0))
