@@ -2,6 +2,7 @@
 
     python launch/benchmark.py shards              # shard writing, slices/s per core
     python launch/benchmark.py shards --cases 3 --slices 400
+    python launch/benchmark.py cpu-step --encoder resnet18 --encoder tu-regnetx_002
 """
 
 from __future__ import annotations
@@ -301,6 +302,48 @@ def gpu(work: Path | None, batch_size: int, steps: int, workers: int, warmup: in
           f"batch {batch_size}, {workers} loader workers")
     print(f"synthetic tensors on the device: {synthetic:.3g} img/s; real loader + augmentation: "
           f"{real:.3g} img/s ({100 * real / synthetic:.0f} %)")
+
+
+@main.command("cpu-step")
+@click.option("--arch", "archs", multiple=True, default=("unet", "resunet"), show_default=True)
+@click.option("--encoder", "encoders", multiple=True, default=("resnet18", "tu-regnetx_002"), show_default=True)
+@click.option("--decoder-channels", default="64,32,16,16,16", show_default=True, help="'' for the default.")
+@click.option("--size", default=128, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--steps", default=6, show_default=True, help="Timed steps (after 2 untimed).")
+@click.option("--threads", default=1, show_default=True)
+def cpu_step(archs: tuple[str, ...], encoders: tuple[str, ...], decoder_channels: str, size: int,
+             batch_size: int, steps: int, threads: int) -> None:
+    """Seconds per training step on a CPU (forward, Dice + CE loss, backward, AdamW; float32,
+    synthetic tensors), median of --steps: how the CPU demo recipe picks its encoder. The
+    demo trains its two models side by side, one thread each, hence --threads 1."""
+    import torch
+
+    from liverseg.losses import DiceCELoss
+    from liverseg.models import create_model
+
+    torch.set_num_threads(threads)
+    decoder = tuple(int(c) for c in decoder_channels.split(",")) if decoder_channels else None
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 3, size, size, generator=generator)
+    y = torch.randint(0, 3, (batch_size, size, size), generator=generator)
+    print(f"# cpu-step, {date.today()}, {machine()}, torch {torch.__version__}, {threads} thread(s), "
+          f"{size}x{size}x3, batch {batch_size}, decoder {decoder or 'default'}")
+    for encoder in encoders:
+        for arch in archs:
+            torch.manual_seed(0)
+            model = create_model(arch, encoder, 3, 3, decoder_channels=decoder).train()
+            optimizer, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-3), DiceCELoss()
+            times = []
+            for _ in range(steps + 2):
+                start = time.perf_counter()
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"{arch:<8} {encoder:<26} {float(np.median(times[2:])):6.3f} s/step  {params:5.1f} M parameters",
+                  flush=True)
 
 
 # --------------------------------------------------------------------------- eval

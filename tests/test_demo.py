@@ -28,6 +28,12 @@ def test_quick_demo_learns_the_liver_of_held_out_cases(tmp_path):
     final = summary["variants"]["ensemble+postprocess"]
     assert final["liver"]["dice"]["mean"] >= 0.8, final["liver"]["dice"]
     assert "report:" in done.stdout and "ensemble+postprocess" in done.stdout
+    # the test cases are postprocessed with the cut-off chosen on the validation cases
+    tuned = json.loads(next(out.glob("*/tuning/tuning.json")).read_text())
+    tested = json.loads(next(out.glob("*/eval/cases.json")).read_text())
+    assert tuned["split"] == "val" and tuned["cases"] and not set(tuned["cases"]) & set(tested)
+    assert summary["postprocess_steps"][-1] == {"name": "remove_small_lesions",
+                                                "min_volume_mm3": tuned["chosen_min_volume_mm3"]}
     # a second run reuses the phantoms, the shards and both trained models
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("reusing") == 3, again.stdout[-2000:]
