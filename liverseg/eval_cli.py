@@ -110,15 +110,13 @@ def tune(**options) -> None:
     from .evaluate import EvalConfig, tune_postprocess
 
     result = tune_postprocess(EvalConfig(**options, with_labels=True))
-    if not result.is_main:
-        return
-    click.echo("min lesion volume (mm³)   mean tumour Dice per case")
-    for volume, mean in result.mean_dice.items():
-        mark = "  <- chosen" if volume == result.min_volume_mm3 else ""
-        click.echo(f"{volume:>23g}   {mean:.3f}{mark}")
-    for item in result.failed:
-        click.echo(f"failed: {item['case']}: {item['error']}", err=True)
-    click.echo(f"{result.cases} case(s); postprocessing written to {result.postprocess}")
+    if result.is_main:
+        click.echo("min lesion volume (mm³)   mean tumour Dice per case")
+        for volume, mean in result.mean_dice.items():
+            mark = "  <- chosen" if volume == result.min_volume_mm3 else ""
+            click.echo(f"{volume:>23g}   {mean:.3f}{mark}")
+        click.echo(f"postprocessing written to {result.postprocess}")
+    finish(result)
 
 
 def print_table(summary: dict) -> None:

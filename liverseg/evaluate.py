@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,29 +237,39 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     out = Path(config.out)
     if accelerator.is_main_process:
         write_json(out / "config.json", config.to_dict())
-    results = []
-    with accelerator.split_between_processes(sources) as mine:
-        bar = tqdm(mine, desc="cases", unit="case", disable=not accelerator.is_local_main_process)
-        for source in bar:
-            bar.set_postfix_str(source.case)
-            try:
-                results.append(evaluate_case(source, members, postprocess, config, device))
-            except InvalidCase as exc:
-                log.error("%s", exc)
-                results.append(CaseResult(source.case, error=str(exc)))
-    results = gather(accelerator, results)
+    results = map_cases(accelerator, sources, "cases",
+                        lambda source: evaluate_case(source, members, postprocess, config, device),
+                        lambda case, error: CaseResult(case, error=error))
     if not accelerator.is_main_process:
         return EvalResult(out, len(results), failed, None, None, is_main=False)
     failed = failed + [{"case": r.case, "error": r.error} for r in results if r.error]
     done = sorted((r for r in results if not r.error), key=lambda r: natural_key(r.case))
     summary = report_path = None
     if config.with_labels and done:
-        summary, report_path = write_outputs(done, failed, members, config)
+        summary, report_path = write_outputs(done, failed, members, config, postprocess)
     else:
         write_json(out / "summary.json", {"cases": len(done), "failed": failed,
                                           "predictions": [r.prediction for r in done],
                                           "timings": timings(done), "config": config.to_dict()})
     return EvalResult(out, len(done), failed, summary, report_path)
+
+
+def map_cases(accelerator, sources: list[CaseSource], desc: str, work: Callable[[CaseSource], Any],
+              failure: Callable[[str, str], Any]) -> list:
+    """``work(source)`` for this process's share of ``sources``, with a progress bar; an
+    InvalidCase is logged and becomes ``failure(case, message)``. Returns every process's
+    results, gathered."""
+    results = []
+    with accelerator.split_between_processes(sources) as mine:
+        bar = tqdm(mine, desc=desc, unit="case", disable=not accelerator.is_local_main_process)
+        for source in bar:
+            bar.set_postfix_str(source.case)
+            try:
+                results.append(work(source))
+            except InvalidCase as exc:
+                log.error("%s", exc)
+                results.append(failure(source.case, str(exc)))
+    return gather(accelerator, results)
 
 
 def gather(accelerator, results: list) -> list:
@@ -292,12 +303,12 @@ def metric_rows(results: list[CaseResult], members: list[Member]) -> list[dict]:
 
 
 def build_summary(results: list[CaseResult], failed: list[dict], members: list[Member],
-                  config: EvalConfig) -> dict:
+                  config: EvalConfig, postprocess: Postprocess) -> dict:
     variants = {v: lits.aggregate([r.scores[v] for r in results]) for v in variants_of(members)}
     return {"variants": variants, "cases": len(results), "failed": failed,
             "timings": timings(results), "config": config.to_dict(),
             "checkpoints": {m.name: str(m.path) for m in members},
-            "postprocess_steps": load_postprocess(config.postprocess).to_dict()["steps"],
+            "postprocess_steps": postprocess.to_dict()["steps"],
             "preprocessing": members[0].preprocessing.to_dict(), "liverseg_version": __version__}
 
 
@@ -325,10 +336,10 @@ def pick_panels(results: list[CaseResult]) -> list[dict]:
 
 
 def write_outputs(results: list[CaseResult], failed: list[dict], members: list[Member],
-                  config: EvalConfig) -> tuple[dict, Path]:
+                  config: EvalConfig, postprocess: Postprocess) -> tuple[dict, Path]:
     out = Path(config.out)
     rows = metric_rows(results, members)
-    summary = build_summary(results, failed, members, config)
+    summary = build_summary(results, failed, members, config, postprocess)
     report.write_csv(rows, out / "metrics.csv")
     write_json(out / "summary.json", summary)
     write_json(out / "cases.json", {r.case: {"scores": r.scores, "seconds": r.seconds,
@@ -356,10 +367,9 @@ def cutoff_dice(labels: np.ndarray, truth_tumour: np.ndarray, spacing, chains: d
     return {volume: tumour_dice(chain(labels, spacing) == 2, truth_tumour) for volume, chain in chains.items()}
 
 
-def choose_min_lesion_volume(dice: dict[float, list[float]]) -> float:
-    """The cut-off with the highest mean per-case tumour Dice; of equal means (to 1e-9),
-    the smallest, which removes the least."""
-    means = {volume: float(np.mean(values)) for volume, values in dice.items()}
+def choose_min_lesion_volume(means: dict[float, float]) -> float:
+    """The cut-off with the highest mean per-case tumour Dice (``means``: cut-off → mean);
+    of equal means (to 1e-9), the smallest, which removes the least."""
     best = max(means.values())
     return min(volume for volume, mean in means.items() if mean >= best - 1e-9)
 
@@ -372,6 +382,10 @@ class TuneResult:
     cases: int
     failed: list[dict]
     is_main: bool = True
+
+    @property
+    def out(self) -> Path:
+        return self.postprocess.parent
 
 
 def tune_postprocess(config: EvalConfig, candidates: tuple[float, ...] = MIN_LESION_CANDIDATES_MM3
@@ -394,32 +408,24 @@ def tune_postprocess(config: EvalConfig, candidates: tuple[float, ...] = MIN_LES
     base = load_postprocess(config.postprocess)
     chains = {float(v): with_min_lesion_volume(base, v) for v in candidates}
     sources, failed = find_cases(config.data, config.split, with_labels=True)
-    rows = []
-    with accelerator.split_between_processes(sources) as mine:
-        bar = tqdm(mine, desc="tuning", unit="case", disable=not accelerator.is_local_main_process)
-        for source in bar:
-            bar.set_postfix_str(source.case)
-            try:
-                case = load_case(source.image, source.label)
-            except InvalidCase as exc:
-                log.error("%s", exc)
-                rows.append({"case": source.case, "error": str(exc)})
-                continue
-            labels = predict_volume(members, case.image, device, config.batch_size, config.tta).labels
-            ensemble = labels[ENSEMBLE] if ENSEMBLE in labels else labels[members[0].name]
-            rows.append({"case": source.case, "dice": cutoff_dice(ensemble, case.label == 2, case.spacing, chains)})
-    rows = gather(accelerator, rows)
+
+    def score(source: CaseSource) -> dict:
+        case = load_case(source.image, source.label)
+        labels = predict_volume(members, case.image, device, config.batch_size, config.tta).labels
+        ensemble = labels[ENSEMBLE] if ENSEMBLE in labels else labels[members[0].name]
+        return {"case": source.case, "dice": cutoff_dice(ensemble, case.label == 2, case.spacing, chains)}
+
+    rows = map_cases(accelerator, sources, "tuning", score, lambda case, error: {"case": case, "error": error})
     if not accelerator.is_main_process:
         return TuneResult(Path(config.out) / "postprocess.json", math.nan, {}, len(rows), failed, is_main=False)
     failed = failed + [{"case": r["case"], "error": r["error"]} for r in rows if "error" in r]
     done = sorted((r for r in rows if "error" not in r), key=lambda r: natural_key(r["case"]))
     if not done:
         raise ConfigError(f"{config.data}: no {config.split!r} case could be used for tuning")
-    dice = {volume: [r["dice"][volume] for r in done] for volume in chains}
-    chosen = choose_min_lesion_volume(dice)
+    means = {volume: float(np.mean([r["dice"][volume] for r in done])) for volume in chains}
+    chosen = choose_min_lesion_volume(means)
     out = Path(config.out)
     write_json(out / "postprocess.json", chains[chosen].to_dict())
-    means = {volume: float(np.mean(values)) for volume, values in dice.items()}
     write_json(out / "tuning.json", {
         "chosen_min_volume_mm3": chosen, "split": config.split, "config": config.to_dict(),
         "mean_tumour_dice": {f"{v:g}": m for v, m in means.items()},

@@ -189,8 +189,8 @@ def test_a_false_blob_in_a_tumour_free_case_goes_only_above_its_volume():
 
 
 def test_the_best_mean_wins_and_ties_go_to_the_smallest_cut_off():
-    assert choose_min_lesion_volume({10.0: [0.0, 0.9], 200.0: [1.0, 0.9], 500.0: [1.0, 0.0]}) == 200.0
-    assert choose_min_lesion_volume({10.0: [0.5, 0.5], 50.0: [0.5, 0.5], 5.0: [0.2, 0.2]}) == 10.0
+    assert choose_min_lesion_volume({10.0: 0.45, 200.0: 0.95, 500.0: 0.5}) == 200.0
+    assert choose_min_lesion_volume({10.0: 0.5, 50.0: 0.5, 5.0: 0.2}) == 10.0
 
 
 def test_with_min_lesion_volume_replaces_or_appends_the_step():
@@ -217,7 +217,7 @@ def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_cho
         expected = cutoff_dice(labels, case.label == 2, case.spacing, chains)
         assert report["cases"][source.case] == {f"{v:g}": pytest.approx(d) for v, d in expected.items()}
     means = {v: np.mean([report["cases"][c][f"{v:g}"] for c in val_cases]) for v in MIN_LESION_CANDIDATES_MM3}
-    assert report["chosen_min_volume_mm3"] == choose_min_lesion_volume({v: [m] for v, m in means.items()})
+    assert report["chosen_min_volume_mm3"] == choose_min_lesion_volume(means)
     chosen = Postprocess.from_json(tuned / "postprocess.json")
     assert chosen == chains[report["chosen_min_volume_mm3"]] and "<- chosen" in done.output
     out = tmp_path / "eval"
