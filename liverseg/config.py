@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); validated and exported
     grad_accum: int = 1
     precision: str = "auto"
     channels_last: bool = True
@@ -66,6 +67,7 @@ class TrainConfig:
              "val_every, save_every and log_every must be >= 1"),
             (self.max_nonfinite >= 1 and self.keep_checkpoints >= 1,
              "max_nonfinite and keep_checkpoints must be >= 1"),
+            (0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -116,6 +116,24 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
+def ema_update(decay: float):
+    """The averaging rule of ``TrainConfig.ema``: avg ← d·avg + (1 − d)·weights, with
+    d = min(decay, (1 + n) / (10 + n)) after n updates, so the first few hundred steps are
+    not dominated by the random initialisation. Integer buffers (BatchNorm's batch count)
+    are copied."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = n.to(averaged[0].dtype)
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_mul_(averaged, d)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+
+    return update
+
+
 def wandb_mode() -> str:
     """W&B online only with an API key and a reachable server; otherwise offline at once
     (W&B itself would wait 90 s before giving up)."""
@@ -258,6 +276,13 @@ class Loop:
     augment: BatchAugment
     generator: torch.Generator
     config: TrainConfig
+    net: torch.nn.Module  # the model without DDP / compile wrappers
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        """The weights that are validated and exported: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.net
 
 
 def train_step(loop: Loop, batches: Iterator) -> tuple[torch.Tensor, bool, float]:
@@ -282,6 +307,8 @@ def train_step(loop: Loop, batches: Iterator) -> tuple[torch.Tensor, bool, float
     applied = finite and not getattr(loop.optimizer, "step_was_skipped", False)
     if applied:
         loop.scheduler.step()
+        if loop.ema is not None:
+            loop.ema.update_parameters(loop.net)
     loop.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), applied, waited
 
@@ -309,9 +336,14 @@ def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelS
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    net = unwrap_model(accelerator.unwrap_model(model))
+    ema = None
+    if config.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=ema_update(config.ema), use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
     generator = torch.Generator(device=accelerator.device)
     loop = Loop(accelerator, model, optimizer, scheduler, build_loss(config).to(accelerator.device),
-                BatchAugment(config.augment), generator, config)
+                BatchAugment(config.augment), generator, config, net, ema)
     return loop, source, preprocessing, spec, state
 
 
@@ -320,7 +352,7 @@ def validate(loop: Loop, source: ShardSource, preprocessing: Preprocessing, step
     acc, cfg = loop.accelerator, loop.config
     batches = val_loader(source, preprocessing.context, cfg.batch_size, acc.process_index,
                          acc.num_processes, workers=min(cfg.workers, 2))
-    matrix, overlays = evaluate(unwrap_model(acc.unwrap_model(loop.model)), batches, acc.device, cfg, acc)
+    matrix, overlays = evaluate(loop.weights, batches, acc.device, cfg, acc)
     matrix = acc.reduce(matrix, reduction="sum")  # the one collective of a validation
     return scores(matrix), overlays
 
@@ -369,11 +401,11 @@ def train(config: TrainConfig) -> TrainResult:
             log_overlays(acc, overlays, step)
             if metrics["val/dice_mean"] > state.best_score:
                 state.best_score, best = metrics["val/dice_mean"], {**metrics, "step": step}
-                export(acc, loop.model, config, spec, preprocessing, "best", step, metrics)
+                export(acc, loop.weights, config, spec, preprocessing, "best", step, metrics)
         if step % config.save_every == 0 or step == config.steps:
             acc.save_state()
     bar.close()
-    export(acc, loop.model, config, spec, preprocessing, "last", state.step, metrics)
+    export(acc, loop.weights, config, spec, preprocessing, "last", state.step, metrics)
     acc.end_training()
     return TrainResult(state.step, best, metrics, state.skipped_steps, config.run_dir,
                        acc.process_index, acc.num_processes)

@@ -132,3 +132,40 @@ def test_cli_reports_a_missing_shard_folder_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "cannot read manifest" in done.stderr
+
+
+def test_ema_update_follows_its_rule_and_copies_integer_buffers():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    average = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=train_module.ema_update(0.5), use_buffers=True)
+    expected = None
+    for n, value in enumerate([1.0, 3.0, 7.0, 15.0]):  # n: updates so far
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(value)
+        net[1].num_batches_tracked.fill_(n + 10)
+        average.update_parameters(net)
+        d = min(0.5, (1 + n) / (10 + n))  # the first update copies
+        expected = value if expected is None else d * expected + (1 - d) * value
+        for p in average.module.parameters():
+            assert torch.allclose(p, torch.full_like(p, expected)), (n, p, expected)
+        assert int(average.module[1].num_batches_tracked) == n + 10
+    assert expected == pytest.approx(12.2028, abs=1e-4)  # 1 → 2/11 … → 4/13: worked by hand
+
+
+def test_ema_weights_are_validated_exported_and_resumed(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    train(tiny(shards, tmp_path, steps=2, save_every=2, val_every=2, ema=0.9))
+    result = train(tiny(shards, tmp_path, steps=4, save_every=2, val_every=2, ema=0.9, resume="auto"))
+    assert result.step == 4
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_1"
+    raw = load_file(checkpoint / "model.safetensors")
+    average = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    assert int(average["n_averaged"]) == 4, "the average must carry on across the resume"
+    exported, _ = load_checkpoint(tmp_path / "last")
+    exported = exported.state_dict()
+    differs = 0
+    for name, value in raw.items():
+        assert torch.equal(exported[name], average[f"module.{name}"]), name
+        differs += not torch.equal(exported[name], value)
+    assert differs > 0, "the exported weights should be the average, not the last step's"
