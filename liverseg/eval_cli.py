@@ -50,7 +50,8 @@ def shared_options(command=None, split: str = "test"):
                      help="Which split of a shard manifest to evaluate."),
         click.option("--out", required=True, help="Output folder."),
         click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
-                     help="Test-time augmentation: average over horizontal and vertical flips."),
+                     help="Test-time augmentation: also average over the flips each checkpoint was trained "
+                          "with (none for models trained without flip augmentation, the default)."),
         click.option("--postprocess", default="default", show_default=True,
                      help="default, none, or a JSON file of steps (docs/METRICS.md)."),
         click.option("--batch-size", default=16, show_default=True, help="Slices per forward pass."),

@@ -28,7 +28,7 @@ from shardgen.nifti import load_case, load_image
 
 from . import __version__, lits, report
 from .errors import ConfigError
-from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name,
+from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name, tta_note,
                         write_labels)
 from .postprocess import MIN_LESION_CANDIDATES_MM3, Postprocess, default_postprocess, with_min_lesion_volume
 
@@ -232,6 +232,8 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     accelerator = make_accelerator()
     device = resolve_device(config, accelerator)
     members = load_members(list(config.checkpoints), device)
+    if note := tta_note(members, config.tta):
+        log.warning(note)
     postprocess = load_postprocess(config.postprocess)
     sources, failed = find_cases(config.data, config.split, config.with_labels)
     out = Path(config.out)
@@ -405,6 +407,8 @@ def tune_postprocess(config: EvalConfig, candidates: tuple[float, ...] = MIN_LES
     accelerator = make_accelerator()
     device = resolve_device(config, accelerator)
     members = load_members(list(config.checkpoints), device)
+    if note := tta_note(members, config.tta):
+        log.warning(note)
     base = load_postprocess(config.postprocess)
     chains = {float(v): with_min_lesion_volume(base, v) for v in candidates}
     sources, failed = find_cases(config.data, config.split, with_labels=True)

@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from liverseg import lits
+from liverseg.augment import AugmentConfig
 from liverseg.config import TrainConfig
 from liverseg.errors import ConfigError
 from liverseg.eval_cli import main as eval_main
@@ -48,10 +49,10 @@ def shards(phantom_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(shards, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    for arch in ("unet", "resunet"):
+    for arch in ("unet", "resunet"):  # the U-Net learns with left-right flips: --tta flips uses them
         train(TrainConfig(shards=str(shards), out=str(runs / arch), arch=arch, encoder="resnet18",
                           steps=3, batch_size=2, val_every=3, save_every=3, workers=0,
-                          shuffle_buffer=8, warmup_steps=1))
+                          shuffle_buffer=8, warmup_steps=1, augment=AugmentConfig(flip_lr=0.5 if arch == "unet" else 0.0)))
     return [str(runs / "unet" / "best"), str(runs / "resunet" / "best")]
 
 

@@ -11,8 +11,8 @@ import torch
 
 from liverseg import lits
 from liverseg.errors import ConfigError
-from liverseg.inference import (ENSEMBLE, Member, load_members, member_name, predict_volume,
-                                prediction_name, preprocess_torch, write_labels)
+from liverseg.inference import (ENSEMBLE, Member, flips, load_members, member_name, predict_volume,
+                                prediction_name, preprocess_torch, tta_note, write_labels)
 from liverseg.models import ModelSpec, create_model, export_checkpoint
 from shardgen.nifti import load_case
 from shardgen.preprocess import Preprocessing, preprocess_image
@@ -85,6 +85,46 @@ def test_ensemble_averages_probabilities_and_flips_change_nothing_for_a_symmetri
     assert set(plain.labels) == {"a", "b", ENSEMBLE}
     assert np.array_equal(plain.labels["a"], plain.labels[ENSEMBLE])
     assert np.array_equal(plain.labels[ENSEMBLE], flipped.labels[ENSEMBLE])
+
+
+
+class LeftSided(torch.nn.Module):
+    """Tumour in the left half of the slice, liver in the right: any left-right flip of the
+    input changes its answer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 3, *x.shape[2:], device=x.device)
+        half = x.shape[-1] // 2
+        out[:, 2, :, :half] = 5.0
+        out[:, 1, :, half:] = 5.0
+        return out
+
+
+def trained(augment: dict | None) -> dict:
+    return {} if augment is None else {"train": {"augment": augment}}
+
+
+def test_tta_flips_only_the_ways_each_model_was_trained(tmp_path):
+    assert flips("none", None) == [()]
+    assert flips("flips", None) == [(), (3,), (2,)]  # unknown training: both, as before
+    assert flips("flips", {"flip_lr": 0.5, "flip_ud": 0.0}) == [(), (3,)]
+    assert flips("flips", {"flip_lr": 0.0, "flip_ud": 0.0}) == [()]
+    vol, seg = geometry_case(tmp_path)
+    image = load_case(vol, seg).image
+    pre = Preprocessing(size=64, context=0)
+    plain = predict_volume([Member("m", tmp_path, LeftSided(), pre, trained({"flip_lr": 0.0}))],
+                           image, torch.device("cpu"), batch_size=4, tta="flips").labels["m"]
+    half = plain.shape[-1] // 2  # 384 wide; the resize from 64 blurs the middle column or so
+    assert (plain[..., :half - 4] == 2).all() and (plain[..., half + 4:] == 1).all()
+    # trained with left-right flips: the flipped pass (liver left, tumour right) is averaged in,
+    # ties go to the lower class, so the whole slice becomes liver
+    mixed = predict_volume([Member("m", tmp_path, LeftSided(), pre, trained({"flip_lr": 0.5}))],
+                           image, torch.device("cpu"), batch_size=4, tta="flips").labels["m"]
+    assert (mixed == 1).all()
+    untrained = [Member("a", tmp_path, LeftSided(), pre, trained({"flip_lr": 0.0, "flip_ud": 0.0}))]
+    assert "no checkpoint was trained with flips" in tta_note(untrained, "flips")
+    assert tta_note(untrained, "none") is None
+    assert tta_note(untrained + [Member("b", tmp_path, LeftSided(), pre, trained(None))], "flips") is None
 
 
 def export_random(folder: Path, size: int = 64, context: int = 1, arch: str = "unet") -> Path:
