@@ -1216,7 +1216,8 @@ def make_phantom(case_index: int, seed: int = 0, size: int = 512,
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write a .nii.gz via a temporary file in the same folder and os.replace: readers
-    never see a half-written file."""
+    never see a half-written file. The gzip header holds no name (it would be the
+    temporary one, with the writer's pid) and mtime 0, so reruns write identical bytes."""
     image = nib.Nifti1Image(array, affine)
     image.set_data_dtype(array.dtype)
     image.header.set_xyzt_units("mm")
@@ -1224,7 +1225,8 @@ def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     image.set_sform(affine, code=1)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1,
+                                                        mtime=0) as gz:
             gz.write(image.to_bytes())
         os.replace(tmp, path)
     except BaseException:

@@ -237,6 +237,9 @@ def test_write_phantoms_writes_loadable_lits_files(tmp_path):
             data = np.asanyarray(image.dataobj)
             assert data.dtype == dtype and np.array_equal(data, array)
             assert np.allclose(image.affine, expected.affine)
+            # gzip header: flags byte without FNAME (0x08), mtime 0: reruns give identical files
+            head = (out / f"{name}-{i}.nii.gz").read_bytes()[:10]
+            assert head[3] & 0x08 == 0 and head[4:8] == bytes(4), head
 
 
 def test_a_failed_write_leaves_neither_a_file_nor_a_temporary(tmp_path, monkeypatch):
