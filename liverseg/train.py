@@ -322,6 +322,7 @@ def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelS
     preprocessing = Preprocessing.from_dict(source.manifest["preprocessing"])
     spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, len(CLASS_NAMES), config.attention,
                      config.decoder_channels)
+    set_seed(config.seed)  # the initial weights too (torch seeds each process at random); DDP copies rank 0's
     model = create_model(spec.arch, spec.encoder, spec.in_channels, spec.classes,
                          encoder_weights=config.encoder_weights, attention=spec.attention,
                          decoder_channels=spec.decoder_channels)

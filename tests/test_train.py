@@ -169,3 +169,13 @@ def test_ema_weights_are_validated_exported_and_resumed(shards, tmp_path):
         assert torch.equal(exported[name], average[f"module.{name}"]), name
         differs += not torch.equal(exported[name], value)
     assert differs > 0, "the exported weights should be the average, not the last step's"
+
+
+def test_the_seed_fixes_the_initial_weights_and_so_the_whole_run(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    for name, noise in (("a", 1), ("b", 2)):  # whatever state the global generators are left in
+        torch.manual_seed(noise)
+        train(tiny(shards, tmp_path / name, seed=3, workers=0))
+    a, b = (load_file(tmp_path / name / "last" / "model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
