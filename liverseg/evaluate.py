@@ -208,6 +208,14 @@ def resolve_device(config: EvalConfig, accelerator) -> torch.device:
     return device
 
 
+def ensemble_members(config: EvalConfig, device: torch.device) -> list[Member]:
+    """The checkpoints of ``config``, loaded; a warning when ``--tta`` would do nothing."""
+    members = load_members(list(config.checkpoints), device)
+    if note := tta_note(members, config.tta):
+        log.warning(note)
+    return members
+
+
 def load_postprocess(spec: str) -> Postprocess:
     if spec == "default":
         return default_postprocess()
@@ -231,9 +239,7 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     and skipped, the others still run. Returns what was written and what failed."""
     accelerator = make_accelerator()
     device = resolve_device(config, accelerator)
-    members = load_members(list(config.checkpoints), device)
-    if note := tta_note(members, config.tta):
-        log.warning(note)
+    members = ensemble_members(config, device)
     postprocess = load_postprocess(config.postprocess)
     sources, failed = find_cases(config.data, config.split, config.with_labels)
     out = Path(config.out)
@@ -406,9 +412,7 @@ def tune_postprocess(config: EvalConfig, candidates: tuple[float, ...] = MIN_LES
         raise ConfigError(f"min lesion volume candidates must be >= 0 mm³, got {candidates}")
     accelerator = make_accelerator()
     device = resolve_device(config, accelerator)
-    members = load_members(list(config.checkpoints), device)
-    if note := tta_note(members, config.tta):
-        log.warning(note)
+    members = ensemble_members(config, device)
     base = load_postprocess(config.postprocess)
     chains = {float(v): with_min_lesion_volume(base, v) for v in candidates}
     sources, failed = find_cases(config.data, config.split, with_labels=True)

@@ -232,12 +232,12 @@ def scores(matrix: torch.Tensor) -> dict[str, float]:
 
 def export(accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig, spec: ModelSpec,
            preprocessing: Preprocessing, name: str, step: int, metrics: dict[str, float]) -> None:
+    """Write ``model`` (a plain module: ``Loop.weights``) as the checkpoint folder ``name``."""
     if accelerator.is_main_process:
         extra = {"preprocessing": preprocessing.to_dict(), "classes": list(CLASS_NAMES),
                  "train": config.to_dict(), "step": step, "metrics": metrics,
                  "liverseg_version": __version__}
-        export_checkpoint(unwrap_model(accelerator.unwrap_model(model)), spec,
-                          config.run_dir / name, extra)
+        export_checkpoint(model, spec, config.run_dir / name, extra)
     accelerator.wait_for_everyone()
 
 
