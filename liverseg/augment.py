@@ -151,13 +151,15 @@ def random_affine(config: AugmentConfig, batch: int, height: int, width: int,
     return affine_matrix(angle, zoom, flip_lr, flip_ud, aspect=height / width)
 
 
-def affine_warp(image: torch.Tensor, mask: torch.Tensor,
-                theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_warp(image: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor,
+                size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample a (B, C, H, W) image bilinearly and its (B, H, W) mask by nearest neighbour
-    on one shared grid; pixels from outside the field get image 0 (air) and mask 0."""
+    on one shared grid; pixels from outside the field get image 0 (air) and mask 0. With
+    `size` the output is size × size (see `window_theta`), else the input's H × W."""
     # in bf16 the grid coordinates near the edge of a 512 px image are off by up to 2 px
     work_dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
-    grid = F.affine_grid(theta.to(work_dtype), list(image.shape), align_corners=_ALIGN_CORNERS)
+    shape = list(image.shape) if size is None else [*image.shape[:2], size, size]
+    grid = F.affine_grid(theta.to(work_dtype), shape, align_corners=_ALIGN_CORNERS)
     warped = F.grid_sample(image.to(work_dtype), grid, mode="bilinear", padding_mode="zeros",
                            align_corners=_ALIGN_CORNERS)
     # labels 0..2 are exact in any float type, and nearest sampling never mixes them
@@ -235,6 +237,8 @@ class BatchAugment:
         chosen = _chance(config.p, batch, generator, image.device) if 0 < config.p < 1 else None
         if config.p == 0:
             return random_crop(config.crop, image, mask, generator, config.crop_foreground)
+        if config.crop and not config.flips_only:
+            return self._warp_window(image, mask, chosen, generator)
         out_image, out_mask = image, mask
         if config.flips_only:
             out_image, out_mask = random_flips(config, out_image, out_mask, generator)
@@ -253,6 +257,29 @@ class BatchAugment:
                                               config.crop_foreground)
         return _like(out_image, image), out_mask
 
+    def _warp_window(self, image: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor | None,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotation/zoom and crop in one resampling that computes only the window's pixels:
+        the same pixels as warping the whole slice and then cutting the window out, at the
+        window's cost (a 128² window of a 256² slice: 6x cheaper on a CPU core)."""
+        config = self.config
+        batch, _, height, width = image.shape
+        theta = random_affine(config, batch, height, width, generator, image.device)
+        if chosen is not None:  # samples left alone get the identity, and their exact window below
+            identity = torch.eye(2, 3, dtype=theta.dtype, device=theta.device).expand_as(theta)
+            theta = _where_sample(chosen, theta, identity)
+        top, left = window_origin(config.crop, mask, generator, config.crop_foreground, theta)
+        out_image, out_mask = affine_warp(image, mask, window_theta(theta, top, left, config.crop, height, width),
+                                          size=config.crop)
+        out_image = out_image.clamp(0.0, 1.0)  # bilinear weights sum to 1 only up to rounding
+        if config.photometric:
+            out_image = random_intensity(config, out_image, generator)
+        if chosen is not None:
+            plain_image, plain_mask = take_window(config.crop, image, mask, top, left)
+            out_image = _where_sample(chosen, out_image, plain_image.to(out_image.dtype))
+            out_mask = _where_sample(chosen, out_mask, plain_mask)
+        return _like(out_image.contiguous(), image), out_mask
+
 
 def random_crop(size: int, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                 foreground: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +289,17 @@ def random_crop(size: int, image: torch.Tensor, mask: torch.Tensor, generator: t
     liver, else any) at a uniformly drawn place in the window's middle half."""
     if not size:
         return image, mask
-    batch, _, height, width = image.shape
-    device = image.device
+    top, left = window_origin(size, mask, generator, foreground)
+    return take_window(size, image, mask, top, left)
+
+
+def window_origin(size: int, mask: torch.Tensor, generator: torch.Generator | None = None,
+                  foreground: float = 0.0, theta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's window corner (top, left), as `random_crop` places it. With `theta`
+    the windows are of the slices warped by it (`affine_warp`): a foreground pixel is
+    picked in `mask` and followed to where the warp puts it."""
+    batch, height, width = mask.shape
+    device = mask.device
     top = (torch.rand(batch, generator=generator, device=device) * (height - size + 1)).long()
     left = (torch.rand(batch, generator=generator, device=device) * (width - size + 1)).long()
     if foreground > 0:
@@ -271,16 +307,50 @@ def random_crop(size: int, image: torch.Tensor, mask: torch.Tensor, generator: t
         # ties, the label (0, 1, 2) dominates it
         score = torch.rand(mask.shape, generator=generator, device=device) + mask.float()
         pixel = score.view(batch, -1).argmax(dim=1)
+        row, col = pixel // width, pixel % width
+        if theta is not None:
+            row, col = warped_position(theta, row, col, height, width)
         offset = ((0.25 + 0.5 * torch.rand(batch, 2, generator=generator, device=device)) * size).long()
-        centred_top = (pixel // width - offset[:, 0]).clamp(0, height - size)
-        centred_left = (pixel % width - offset[:, 1]).clamp(0, width - size)
+        centred_top = (row - offset[:, 0]).clamp(0, height - size)
+        centred_left = (col - offset[:, 1]).clamp(0, width - size)
         chosen = _chance(foreground, batch, generator, device)
         top = torch.where(chosen, centred_top, top)
         left = torch.where(chosen, centred_left, left)
+    return top, left
+
+
+def warped_position(theta: torch.Tensor, row: torch.Tensor, col: torch.Tensor, height: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where `affine_warp` with `theta` moves input pixels (row, col), rounded to pixels."""
+    # theta maps output to input coordinates (normalised, pixels as squares tiling
+    # [-1, 1]); the inverse of its 2x2 part maps back
+    source = torch.stack([(2 * col.to(theta.dtype) + 1) / width - 1,
+                          (2 * row.to(theta.dtype) + 1) / height - 1], dim=-1)
+    target = torch.linalg.solve(theta[:, :, :2], source - theta[:, :, 2])
+    return (((target[:, 1] + 1) * height - 1) / 2).round().long(), (((target[:, 0] + 1) * width - 1) / 2).round().long()
+
+
+def window_theta(theta: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, height: int,
+                 width: int) -> torch.Tensor:
+    """The (B, 2, 3) affine that resamples only the size × size window at (top, left) of
+    the height × width output of `theta`: normalised window coordinates are first mapped
+    to the whole output's, then through `theta`."""
+    scale_x, scale_y = size / width, size / height
+    shift_x = (2 * left.to(theta.dtype) + size) / width - 1
+    shift_y = (2 * top.to(theta.dtype) + size) / height - 1
+    return torch.stack([theta[:, :, 0] * scale_x, theta[:, :, 1] * scale_y,
+                        theta[:, :, 0] * shift_x[:, None] + theta[:, :, 1] * shift_y[:, None] + theta[:, :, 2]],
+                       dim=-1)
+
+
+def take_window(size: int, image: torch.Tensor, mask: torch.Tensor, top: torch.Tensor,
+                left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size × size windows at (top, left) of (B, C, H, W) images and (B, H, W) masks."""
+    device = image.device
     steps = torch.arange(size, device=device)
     rows = (top[:, None] + steps)[:, :, None]  # (B, size, 1)
     cols = (left[:, None] + steps)[:, None, :]  # (B, 1, size)
-    samples = torch.arange(batch, device=device)[:, None, None]
+    samples = torch.arange(image.shape[0], device=device)[:, None, None]
     crop_image = image.permute(0, 2, 3, 1)[samples, rows, cols].permute(0, 3, 1, 2)  # channels_last
     if image.is_contiguous():  # keep the input's memory format
         crop_image = crop_image.contiguous()

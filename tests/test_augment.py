@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from liverseg.augment import AugmentConfig, BatchAugment, affine_matrix, affine_warp
+from liverseg.augment import AugmentConfig, BatchAugment, affine_matrix, affine_warp, take_window, window_theta
 from liverseg.errors import ConfigError
 
 SIZE = 64
@@ -307,3 +307,38 @@ def test_foreground_crop_chance_is_per_sample_and_zero_is_the_uniform_window():
     zero = BatchAugment(only(crop=32, crop_foreground=0.0))(image, mask, seeded(1))
     assert torch.equal(plain[1], zero[1]) and torch.equal(plain[0], zero[0])
     assert (plain[1][::3] == 2).flatten(1).any(1).float().mean().item() < 0.1 + uniform_seen
+
+
+def test_a_warped_window_is_the_window_of_the_warped_slice():
+    image, mask = random_batch(batch=6, channels=3, height=SIZE, width=48, seed=3)
+    theta = affine_matrix(torch.tensor([0.0, 7.0, -9.5, 30.0, 3.0, 0.0]),
+                          torch.tensor([1.0, 0.9, 1.1, 1.05, 0.95, 1.0]),
+                          torch.tensor([False, False, True, False, True, False]),
+                          torch.tensor([False, True, False, False, False, False]), aspect=SIZE / 48)
+    top, left = torch.tensor([0, 32, 5, 17, 32, 9]), torch.tensor([0, 16, 3, 16, 0, 7])
+    whole_image, whole_mask = affine_warp(image, mask, theta)
+    expected_image, expected_mask = take_window(32, whole_image, whole_mask, top, left)
+    window_image, window_mask = affine_warp(image, mask, window_theta(theta, top, left, 32, SIZE, 48), size=32)
+    assert window_image.shape == (6, 3, 32, 32)
+    assert torch.allclose(window_image, expected_image, atol=1e-5)
+    assert (window_mask == expected_mask).float().mean() > 0.999  # nearest ties may round apart
+    # the identity's window is the plain window, exactly
+    assert torch.equal(window_mask[0], mask[0, :32, :32])
+
+
+def test_foreground_windows_follow_the_tumour_through_rotation_and_zoom():
+    mask = torch.zeros(24, SIZE, SIZE, dtype=torch.long)
+    mask[:, 10:40, 8:50] = 1
+    mask[:, 44:47, 22:25] = 2  # a 3x3 tumour 16 px from the centre: turned, it stays clear of the edges
+    image = mask[:, None].float().repeat(1, 3, 1, 1) / 2
+    config = only(crop=32, crop_foreground=1.0, rotate_deg=45.0, scale=(0.9, 1.1))
+    for seed in range(3):
+        out_image, out_mask = BatchAugment(config)(image, mask, seeded(seed))
+        assert out_mask.shape == (24, 32, 32)
+        assert labels_agree(out_image, out_mask) >= 0.95
+        for i in range(24):  # the tumour lies in the window's middle half (give or take a pixel)
+            rows, cols = (out_mask[i] == 2).nonzero(as_tuple=True)
+            assert len(rows), (seed, i)
+            assert 8 - 4 <= rows.float().mean() <= 24 + 4 and 8 - 4 <= cols.float().mean() <= 24 + 4, (seed, i)
+    uniform = BatchAugment(only(crop=32, rotate_deg=45.0))(image, mask, seeded(0))[1]
+    assert (uniform == 2).flatten(1).any(1).float().mean() < 0.8  # the choice of window is what finds it
