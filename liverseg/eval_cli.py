@@ -18,7 +18,10 @@ import click
 from shardgen.errors import ShardgenError
 
 from .errors import LiversegError
-from .inference import TTA_CHOICES
+
+# liverseg.inference.TTA_CHOICES, spelled out: importing inference pulls in torch, timm and
+# smp (about 6 s), which `--help` and a mistyped option should not wait for
+TTA_CHOICES = ("none", "flips")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

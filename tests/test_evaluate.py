@@ -230,3 +230,15 @@ def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_cho
 def test_tune_refuses_negative_cut_offs(checkpoints, shards, tmp_path):
     with pytest.raises(ConfigError, match="candidates"):
         tune_postprocess(EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(tmp_path)), (10.0, -1.0))
+
+
+def test_help_needs_neither_torch_nor_the_models_and_lists_the_inference_tta_choices():
+    from liverseg import eval_cli, inference
+
+    assert eval_cli.TTA_CHOICES == inference.TTA_CHOICES
+    code = ("import sys; from liverseg.eval_cli import main\n"
+            "try:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'timm', 'segmentation_models_pytorch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--tta [none|flips]" in done.stdout, done.stdout + done.stderr
+    assert "HEAVY []" in done.stdout, done.stdout + done.stderr
