@@ -1,4 +1,5 @@
-"""TrainConfig: every training setting in one frozen dataclass, saved next to what it produced."""
+"""TrainConfig and AugmentConfig: every training setting in frozen dataclasses, saved next
+to what they produced. No torch here, so `--help` and config checks stay fast."""
 
 from __future__ import annotations
 
@@ -9,11 +10,98 @@ from typing import Any
 
 import yaml
 
-from .augment import AugmentConfig
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 REPORTERS = ("none", "wandb", "tensorboard")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Settings of `BatchAugment`; set a field to 0 (or ``(1.0, 1.0)``) to turn it off.
+
+    flip_lr: chance of a left-right flip. 0: preprocessing fixes the orientation, and the
+        liver lies on the patient's right; a mirrored abdomen puts the spleen, of nearly
+        the liver's density, where the liver belongs (situs inversus is about 1 in 10 000).
+    flip_ud: chance of an up-down (anterior-posterior) flip. 0: preprocessing fixes the
+        orientation, and no real scan shows the spine above the belly.
+    rotate_deg: rotation drawn uniformly from ±rotate_deg. 10: patients lie a little
+        askew on the table; larger turns show anatomy that never occurs.
+    scale: isotropic zoom drawn uniformly from this range. (0.9, 1.1): body sizes and
+        reconstruction fields of view differ by roughly that much after resizing.
+    intensity_shift: brightness offset drawn from ±intensity_shift (in [0, 1] units).
+        0.05 (25 HU in a 500 HU window): scanners and contrast timing shift liver HU so.
+    intensity_scale: contrast gain drawn from this range. (0.9, 1.1): the same reason.
+    noise_std: standard deviation of added Gaussian noise. 0.02 (10 HU): low-dose scans
+        are that much noisier than the typical training scan.
+    p: chance that a sample is augmented at all; the others pass through unchanged.
+        1.0: every sample, since each transform above already has its own mild range.
+    crop: train on a random crop × crop window of every slice (each sample its own,
+        after the other transforms; p does not apply). 0: whole slices. A fully
+        convolutional net trained on windows still predicts whole slices, so shards of a
+        finer size train at the cost of the window: more pixels per lesion for the same
+        compute, at the price of less context per step. A multiple of 32.
+    crop_foreground: chance that a sample's window is placed around a random tumour
+        pixel of it (a random liver pixel if it has no tumour; anywhere if neither)
+        instead of anywhere. 0: uniform windows. nnU-Net places a third of its patches
+        on foreground so that a small class is seen at all; with windows a quarter of
+        the slice, a uniform window misses a lesion most of the time.
+    """
+
+    flip_lr: float = 0.0
+    flip_ud: float = 0.0
+    rotate_deg: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: float = 0.05
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    noise_std: float = 0.02
+    p: float = 1.0
+    crop: int = 0
+    crop_foreground: float = 0.0
+
+    def __post_init__(self):
+        for name in ("scale", "intensity_scale"):
+            # configs come back from JSON with lists; tuples keep the dataclass hashable
+            object.__setattr__(self, name, _range_pair(name, getattr(self, name)))
+        for name in ("flip_lr", "flip_ud", "p", "crop_foreground"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"augment {name} must be a probability in [0, 1], "
+                                  f"got {getattr(self, name)}")
+        for name in ("rotate_deg", "intensity_shift", "noise_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+        if self.crop < 0 or self.crop % 32:
+            raise ConfigError(f"augment crop must be 0 (whole slices) or a positive multiple of 32, "
+                              f"got {self.crop}")
+
+    @property
+    def flips_only(self) -> bool:
+        """No rotation or zoom: flips can be done by indexing, exactly."""
+        return self.rotate_deg == 0 and self.scale == (1.0, 1.0)
+
+    @property
+    def geometric(self) -> bool:
+        return not self.flips_only or self.flip_lr > 0 or self.flip_ud > 0
+
+    @property
+    def photometric(self) -> bool:
+        return (self.intensity_shift > 0 or self.intensity_scale != (1.0, 1.0)
+                or self.noise_std > 0)
+
+    @property
+    def identity(self) -> bool:
+        return not self.crop and (self.p == 0 or not (self.geometric or self.photometric))
+
+
+def _range_pair(name: str, value) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low, high = 0.0, -1.0  # reported below
+    if not 0 < low <= high:
+        raise ConfigError(f"augment {name} must be a (low, high) pair with 0 < low <= high, "
+                          f"got {value!r}")
+    return low, high
 
 
 @dataclass(frozen=True)

@@ -179,3 +179,15 @@ def test_the_seed_fixes_the_initial_weights_and_so_the_whole_run(shards, tmp_pat
         train(tiny(shards, tmp_path / name, seed=3, workers=0))
     a, b = (load_file(tmp_path / name / "last" / "model.safetensors") for name in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_help_and_config_checks_need_no_torch():
+    script = ROOT / "launch" / "train.py"
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{str(script)!r}, '--help']\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "from liverseg.config import AugmentConfig, TrainConfig\n"
+            "TrainConfig(shards='s', out='o', augment=AugmentConfig(crop=64))\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--config" in done.stdout and "TORCH False" in done.stdout, done.stdout + done.stderr
