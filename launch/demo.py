@@ -231,7 +231,7 @@ def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
 
     from liverseg.errors import LiversegError
     from liverseg.eval_cli import print_table
-    from shardgen.errors import ShardgenError
+    from shardgen.errors import ShardgenError, os_error_line
 
     gpu = torch.cuda.is_available() if device == "auto" else device == "cuda"
     recipe = gpu_recipe(quick) if gpu else cpu_recipe(quick)
@@ -245,6 +245,7 @@ def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
     base = out / f"{recipe.name}-{recipe.size}px-{recipe.cases}cases"
     start = time.perf_counter()
     try:
+        base.mkdir(parents=True, exist_ok=True)  # fail at once, not after minutes of work
         stage("generating phantom CT cases", start)
         make_phantoms(recipe, base / "phantoms")
         stage("building shards", start)
@@ -264,6 +265,8 @@ def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
         result = evaluate(checkpoints, base / "shards", base / "eval", device, str(postprocess))
     except (LiversegError, ShardgenError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # an --out that cannot be written, a full disk: one line, no traceback
+        raise click.ClickException(os_error_line(exc)) from None
     stage("done", start)
     print_table(result.summary)
     click.echo(f"report: {result.report}")

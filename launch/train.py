@@ -19,7 +19,7 @@ import click
 
 from liverseg.config import PRECISIONS, REPORTERS, load_config
 from liverseg.errors import LiversegError
-from shardgen.errors import ShardgenError
+from shardgen.errors import ShardgenError, os_error_line
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,6 +50,8 @@ def main(config_file, **flags) -> None:
         result = train(config)
     except (LiversegError, ShardgenError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # an --out that is a file, a full disk: the path and the reason
+        raise click.ClickException(os_error_line(exc)) from None
     # every rank reports, so a multi-process run shows that all ranks ended at the same step
     print(f"rank {result.rank}/{result.world} finished at step {result.step}; "
           f"best {result.best or '-'}; run folder {result.run_dir}", flush=True)

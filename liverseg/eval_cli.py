@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from shardgen.errors import ShardgenError
+from shardgen.errors import ShardgenError, os_error_line
 
 from .errors import LiversegError
 
@@ -35,6 +35,8 @@ def friendly_errors(command):
             return command(*args, **kwargs)
         except (LiversegError, ShardgenError) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from None
 
     return wrapper
 

@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from .build import BuildConfig, Selection, build_shards
-from .errors import ShardgenError
+from .errors import ShardgenError, os_error_line
 from .preprocess import Preprocessing
 
 
@@ -50,6 +50,8 @@ def friendly_errors(command):
             return command(*args, **kwargs)
         except ShardgenError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from None
 
     return wrapper
 

@@ -16,3 +16,13 @@ class InvalidCase(ShardgenError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system error (an output path that is a file, a full disk,
+    no permission): the path and the reason, as the CLIs print it."""
+    if isinstance(exc, FileExistsError) and exc.filename is not None and Path(exc.filename).is_file():
+        return f"{exc.filename}: is a file, not a folder"
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)

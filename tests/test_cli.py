@@ -44,6 +44,15 @@ def test_bad_slices_option_is_one_line(tmp_path):
     assert result.exit_code == 1 and "Error: --slices must be MIN,MAX" in result.output
 
 
+def test_an_out_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("kept")
+    result = CliRunner().invoke(main, ["phantom", "--out", str(taken), "--cases", "1", "--size", "64",
+                                       "--slices", "8,8"])
+    assert result.exit_code == 1 and f"Error: {taken}: is a file, not a folder" in result.output
+    assert taken.read_text() == "kept"
+
+
 def test_help_explains_every_command():
     for command in ("phantom", "build", "merge", "inspect"):
         assert "Usage" in run(command, "--help")

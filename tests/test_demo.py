@@ -37,3 +37,13 @@ def test_quick_demo_learns_the_liver_of_held_out_cases(tmp_path):
     # a second run reuses the phantoms, the shards and both trained models
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("reusing") == 3, again.stdout[-2000:]
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--quick", "--device", "cpu",
+                           "--out", str(taken)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and f"Error: {taken}/" in done.stderr, done.stderr
+    assert taken.read_text() == "not a folder"

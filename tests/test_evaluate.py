@@ -115,6 +115,15 @@ def test_bad_arguments_are_one_line(checkpoints, tmp_path, args, message):
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
+def test_an_out_that_is_a_file_is_one_line(shards, checkpoints, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("kept")
+    result = CliRunner().invoke(eval_main, ["run", "--checkpoint", checkpoints[0], "--data", str(shards),
+                                            "--out", str(taken)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: {taken}: is a file, not a folder" in result.output and taken.read_text() == "kept"
+
+
 def test_corrupt_checkpoint_names_the_file(checkpoints, tmp_path):
     import shutil
 

@@ -134,6 +134,16 @@ def test_cli_reports_a_missing_shard_folder_in_one_line(tmp_path):
     assert "cannot read manifest" in done.stderr
 
 
+def test_cli_reports_an_out_that_is_a_file_in_one_line(shards, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("kept")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--shards", str(shards),
+                           "--out", str(taken), "--steps", "1", "--encoder", "resnet18"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"Error: {taken}: is a file, not a folder" in done.stderr and taken.read_text() == "kept"
+
+
 def test_ema_update_follows_its_rule_and_copies_integer_buffers():
     net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
     average = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=train_module.ema_update(0.5), use_buffers=True)
