@@ -234,11 +234,15 @@ def warped_position(theta: torch.Tensor, row: torch.Tensor, col: torch.Tensor, h
                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where `affine_warp` with `theta` moves input pixels (row, col), rounded to pixels."""
     # theta maps output to input coordinates (normalised, pixels as squares tiling
-    # [-1, 1]); the inverse of its 2x2 part maps back
-    source = torch.stack([(2 * col.to(theta.dtype) + 1) / width - 1,
-                          (2 * row.to(theta.dtype) + 1) / height - 1], dim=-1)
-    target = torch.linalg.solve(theta[:, :, :2], source - theta[:, :, 2])
-    return (((target[:, 1] + 1) * height - 1) / 2).round().long(), (((target[:, 0] + 1) * width - 1) / 2).round().long()
+    # [-1, 1]); the inverse of its 2x2 part (a flip and a turn over a zoom, never
+    # singular) maps back, written out: torch.linalg.solve would wait for the GPU to
+    # check for singular matrices
+    x = (2 * col.to(theta.dtype) + 1) / width - 1 - theta[:, 0, 2]
+    y = (2 * row.to(theta.dtype) + 1) / height - 1 - theta[:, 1, 2]
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    det = a * d - b * c
+    target_x, target_y = (d * x - b * y) / det, (a * y - c * x) / det
+    return ((target_y + 1) * height - 1).div(2).round().long(), ((target_x + 1) * width - 1).div(2).round().long()
 
 
 def window_theta(theta: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, height: int,
