@@ -3,6 +3,7 @@
     python launch/benchmark.py shards              # shard writing, slices/s per core
     python launch/benchmark.py shards --cases 3 --slices 400
     python launch/benchmark.py cpu-step --encoder resnet18 --encoder tu-regnetx_002
+    python launch/benchmark.py augment               # batch augmentation with windows
 """
 
 from __future__ import annotations
@@ -344,6 +345,48 @@ def cpu_step(archs: tuple[str, ...], encoders: tuple[str, ...], decoder_channels
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"{arch:<8} {encoder:<26} {float(np.median(times[2:])):6.3f} s/step  {params:5.1f} M parameters",
                   flush=True)
+
+
+@main.command()
+@click.option("--case", "cases", multiple=True, default=("256,128,16", "512,256,8", "512,384,8"), show_default=True,
+              help="SLICE,WINDOW,BATCH; repeat for several.")
+@click.option("--repeat", default=10, show_default=True, help="Timed batches (median), after 2 untimed.")
+@click.option("--threads", default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def augment(cases: tuple[str, ...], repeat: int, threads: int, device: str) -> None:
+    """Milliseconds per batch of BatchAugment with a window (default transforms, `crop` set):
+    the window resampled alone, against the whole slice warped and the window cut out after."""
+    import dataclasses
+
+    import torch
+
+    from liverseg.augment import AugmentConfig, BatchAugment, random_crop
+
+    torch.set_num_threads(threads)
+    print(f"# augment, {date.today()}, {machine() if device == 'cpu' else torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, {threads} thread(s), median of {repeat}")
+    for case in cases:
+        size, crop, batch = (int(v) for v in case.split(","))
+        generator = torch.Generator(device=device).manual_seed(0)
+        image = torch.rand(batch, 3, size, size, generator=generator, device=device)
+        image = image.contiguous(memory_format=torch.channels_last)
+        mask = torch.randint(0, 3, (batch, size, size), generator=generator, device=device)
+        window = BatchAugment(AugmentConfig(crop=crop))
+        whole = BatchAugment(dataclasses.replace(window.config, crop=0))
+
+        def run(fn):
+            def call():
+                out = fn()
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                return out
+            call(), call()
+            return timed(call, repeat)[0]
+
+        windowed = run(lambda: window(image, mask, generator))
+        cut_after = run(lambda: random_crop(crop, *whole(image, mask, generator), generator))
+        print(f"{size}² slices → {crop}² windows, batch {batch}: whole slice warped then cut {cut_after:6.1f} ms, "
+              f"window warped {windowed:6.1f} ms ({cut_after / windowed:.1f}x)", flush=True)
 
 
 # --------------------------------------------------------------------------- eval
