@@ -313,8 +313,10 @@ def gpu(work: Path | None, batch_size: int, steps: int, workers: int, warmup: in
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--steps", default=6, show_default=True, help="Timed steps (after 2 untimed).")
 @click.option("--threads", default=1, show_default=True)
+@click.option("--compile", "compiled", is_flag=True,
+              help="torch.compile the model (inductor); the first step's time, compilation included, is printed.")
 def cpu_step(archs: tuple[str, ...], encoders: tuple[str, ...], decoder_channels: str, size: int,
-             batch_size: int, steps: int, threads: int) -> None:
+             batch_size: int, steps: int, threads: int, compiled: bool) -> None:
     """Seconds per training step on a CPU (forward, Dice + CE loss, backward, AdamW; float32,
     synthetic tensors), median of --steps: how the CPU demo recipe picks its encoder. The
     demo trains its two models side by side, one thread each, hence --threads 1."""
@@ -329,21 +331,24 @@ def cpu_step(archs: tuple[str, ...], encoders: tuple[str, ...], decoder_channels
     x = torch.rand(batch_size, 3, size, size, generator=generator)
     y = torch.randint(0, 3, (batch_size, size, size), generator=generator)
     print(f"# cpu-step, {date.today()}, {machine()}, torch {torch.__version__}, {threads} thread(s), "
-          f"{size}x{size}x3, batch {batch_size}, decoder {decoder or 'default'}")
+          f"{size}x{size}x3, batch {batch_size}, decoder {decoder or 'default'}"
+          + (", torch.compile" if compiled else ""))
     for encoder in encoders:
         for arch in archs:
             torch.manual_seed(0)
             model = create_model(arch, encoder, 3, 3, decoder_channels=decoder).train()
             optimizer, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-3), DiceCELoss()
+            run = torch.compile(model) if compiled else model
             times = []
             for _ in range(steps + 2):
                 start = time.perf_counter()
-                loss_fn(model(x), y).backward()
+                loss_fn(run(x), y).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 times.append(time.perf_counter() - start)
             params = sum(p.numel() for p in model.parameters()) / 1e6
-            print(f"{arch:<8} {encoder:<26} {float(np.median(times[2:])):6.3f} s/step  {params:5.1f} M parameters",
+            first = f"  first step {times[0]:.1f} s" if compiled else ""
+            print(f"{arch:<8} {encoder:<26} {float(np.median(times[2:])):6.3f} s/step  {params:5.1f} M parameters{first}",
                   flush=True)
 
 
