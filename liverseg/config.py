@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 REPORTERS = ("none", "wandb", "tensorboard")
+TTA_CHOICES = ("none", "flips")  # test-time augmentation of inference (liverseg.inference.flips)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ import click
 
 from shardgen.errors import ShardgenError, os_error_line
 
+# from the torch-free config module: importing inference pulls in torch, timm and smp
+# (about 6 s), which `--help` and a mistyped option should not wait for
+from .config import TTA_CHOICES
 from .errors import LiversegError
-
-# liverseg.inference.TTA_CHOICES, spelled out: importing inference pulls in torch, timm and
-# smp (about 6 s), which `--help` and a mistyped option should not wait for
-TTA_CHOICES = ("none", "flips")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

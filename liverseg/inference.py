@@ -23,10 +23,10 @@ from isal import igzip
 from shardgen.orientation import from_canonical
 from shardgen.preprocess import Preprocessing, interpolation_matrix, preprocess_image
 
+from .config import TTA_CHOICES
 from .errors import CheckpointError, ConfigError
 from .models import load_checkpoint
 
-TTA_CHOICES = ("none", "flips")
 ENSEMBLE = "ensemble"
 PREPROCESS_CHUNK = 32  # slices windowed and resized at a time: bounds the float32 temporaries
 

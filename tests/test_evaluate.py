@@ -244,7 +244,7 @@ def test_tune_refuses_negative_cut_offs(checkpoints, shards, tmp_path):
 def test_help_needs_neither_torch_nor_the_models_and_lists_the_inference_tta_choices():
     from liverseg import eval_cli, inference
 
-    assert eval_cli.TTA_CHOICES == inference.TTA_CHOICES
+    assert eval_cli.TTA_CHOICES is inference.TTA_CHOICES
     code = ("import sys; from liverseg.eval_cli import main\n"
             "try:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'timm', 'segmentation_models_pytorch') if m in sys.modules))")
