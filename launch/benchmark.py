@@ -4,10 +4,12 @@
     python launch/benchmark.py shards --cases 3 --slices 400
     python launch/benchmark.py cpu-step --encoder resnet18 --encoder tu-regnetx_002
     python launch/benchmark.py augment               # batch augmentation with windows
+    python launch/benchmark.py ceiling demo-out/cpu-256px-100cases/shards --split test
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -655,6 +657,87 @@ def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) ->
     print(f"bare model on device tensors: {synthetic:.4g} slices/s; whole-volume inference: "
           f"{whole_rate:.4g} slices/s ({100 * whole_rate / synthetic:.0f} %); medians of 3 "
           f"(whole: {', '.join(f'{w:.4g}' for w in wholes)})")
+
+
+# --------------------------------------------------------------------------- ceiling
+
+def lesion_table(label: np.ndarray, image: np.ndarray, spacing) -> list[tuple[np.ndarray, float, float]]:
+    """Each reference lesion (26-connected tumour component) of a case as (mask, volume in
+    cm³, contrast in HU): the lesion's median HU minus the median HU of the liver (label 1)
+    2-10 mm around it (of the whole liver when nothing lies there)."""
+    import cc3d
+    from scipy import ndimage
+
+    components, n = cc3d.connected_components(label == 2, connectivity=26, return_N=True)
+    liver = label == 1
+    voxel = float(np.prod(spacing)) / 1000.0
+    reach = [int(np.ceil(10.0 / s)) + 1 for s in spacing]
+    lesions = []
+    for i, box in enumerate(ndimage.find_objects(components), 1):
+        box = tuple(slice(max(b.start - r, 0), b.stop + r) for b, r in zip(box, reach))
+        mask = components[box] == i
+        distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
+        around = liver[box] & (distance > 2.0) & (distance < 10.0)
+        background = image[box][around] if around.any() else image[liver]
+        contrast = float(np.median(image[box][mask]) - np.median(background)) if background.size else math.nan
+        whole = np.zeros(label.shape, bool)
+        whole[box] = mask
+        lesions.append((whole, float(mask.sum()) * voxel, contrast))
+    return lesions
+
+
+def oracle_dice(label: np.ndarray, lesions: list[tuple[np.ndarray, float, float]], min_cm3: float,
+                min_hu: float) -> float:
+    """Tumour Dice of a case (LiTS rule: 1 when both are empty) for a prediction that is
+    exactly the reference lesions of at least ``min_cm3`` and ``|contrast| >= min_hu``."""
+    pred = np.zeros(label.shape, bool)
+    for mask, volume, contrast in lesions:
+        if volume >= min_cm3 and abs(contrast) >= min_hu:
+            pred |= mask
+    ref = label == 2
+    total = int(pred.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--split", default="test", show_default=True, help="Split of a shard manifest (ignored for a folder).")
+@click.option("--min-cm3", "volumes", default="0,0.5,1,2", show_default=True,
+              help="Smallest lesion volumes the oracle finds, comma-separated.")
+@click.option("--min-hu", "contrasts", default="0,20,30,40", show_default=True,
+              help="Smallest |contrast| to the liver around a lesion the oracle finds, comma-separated.")
+def ceiling(data: Path, split: str, volumes: str, contrasts: str) -> None:
+    """What the per-case tumour Dice of a set of cases allows: the mean an oracle would
+    score that segments exactly every reference lesion of at least MIN_CM3 whose median HU
+    differs from the liver around it by at least MIN_HU, and nothing else. DATA is a LiTS /
+    MSD folder or a shard manifest (its cases are read from their source files)."""
+    from liverseg.errors import LiversegError
+    from liverseg.evaluate import find_cases
+    from shardgen.errors import ShardgenError
+    from shardgen.nifti import load_case
+
+    try:
+        grid = [(float(v), float(c)) for v in volumes.split(",") for c in contrasts.split(",")]
+        sources, _ = find_cases(data, split, with_labels=True)
+    except ValueError as exc:
+        raise click.BadParameter(f"--min-cm3 and --min-hu take comma-separated numbers ({exc})") from None
+    except LiversegError as exc:
+        raise click.ClickException(str(exc)) from None
+    scores: dict[tuple[float, float], list[float]] = {g: [] for g in grid}
+    for source in sources:
+        try:
+            case = load_case(source.image, source.label)
+        except ShardgenError as exc:
+            raise click.ClickException(str(exc)) from None
+        lesions = lesion_table(case.label, case.image.astype(np.float32), case.spacing)
+        for v, c in grid:
+            scores[v, c].append(oracle_dice(case.label, lesions, v, c))
+        print(f"{source.case}: " + (", ".join(f"{v:.1f} cm³ {c:+.0f} HU" for _, v, c in lesions) or "no lesion"))
+    print(f"# ceiling, {date.today()}, {data} ({split}), {len(sources)} cases: mean per-case tumour Dice of "
+          "an oracle finding exactly the lesions of >= MIN_CM3 and >= MIN_HU contrast")
+    print("min cm³ \\ min HU " + "".join(f"{c:>8}" for c in contrasts.split(",")))
+    for v in volumes.split(","):
+        print(f"{v:>17} " + "".join(f"{np.mean(scores[float(v), float(c)]):8.3f}" for c in contrasts.split(",")))
 
 
 if __name__ == "__main__":
