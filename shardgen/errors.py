@@ -26,3 +26,18 @@ def os_error_line(exc: OSError) -> str:
     if exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
     return str(exc)
+
+
+class ShardError(ShardgenError):
+    """A damaged or hostile shard (truncated, bad tar header, corrupt zstd, a member name
+    that leaves the shard, a missing file): names the shard and, where known, the member."""
+
+    def __init__(self, shard: str | Path, reason: str, member: str | None = None):
+        self.shard = str(shard)
+        self.member = member
+        self.reason = reason
+        where = f"{self.shard} (member {member})" if member else self.shard
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes despite the extra arguments
+        return type(self), (self.shard, self.reason, self.member)
