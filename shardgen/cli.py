@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from .build import BuildConfig, Selection, build_shards
-from .errors import ShardgenError, os_error_line
+from .errors import ShardError, ShardgenError, os_error_line
 from .preprocess import Preprocessing
 
 
@@ -66,6 +66,7 @@ def main(verbose: bool) -> None:
       liverseg-shards phantom --out phantoms --cases 20 --size 256
       liverseg-shards build --input phantoms --out shards --size 256
       liverseg-shards inspect shards
+      liverseg-shards verify shards
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -169,13 +170,48 @@ def merge(parts: tuple[Path, ...], out: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def inspect_command(shards: Path, png: Path | None, count: int, seed: int) -> None:
-    """Counts per split, class balance, and a PNG grid of random slices with masks overlaid."""
+    """Counts per split, class balance, and a PNG grid of random slices with masks overlaid.
+
+    Every listed shard must be present with its recorded size; a missing or damaged shard
+    is named in one line (exit 1). Use `verify` to read every shard to the end.
+    """
     from .inspect import inspect_shards
 
     folder = shards if shards.is_dir() else shards.parent
-    lines, written = inspect_shards(shards, png or folder / "inspect.png", count, seed)
-    click.echo("\n".join(lines))
+    _, written = inspect_shards(shards, png or folder / "inspect.png", count, seed,
+                                on_summary=lambda lines: click.echo("\n".join(lines)))
     if written:
         click.echo(f"sample grid: {written}")
+
+
+@main.command()
+@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@friendly_errors
+def verify(shards: Path) -> None:
+    """Check every shard listed in SHARDS/manifest.json (or the manifest SHARDS).
+
+    \b
+    Each shard must be present, have the recorded size and sha256, and read to the end:
+    every sample is decoded and the samples and targets counted against the manifest.
+    Prints one line per bad shard (SHARD: REASON), then "N shards ok, M bad".
+    Exit status 0 if all are good, 1 otherwise.
+    """
+    from .verify import verify_shards
+
+    with tqdm(desc="shards", unit="shard", delay=1) as bar:  # no bar for a quick check
+        problems = verify_shards(shards, on_plan=lambda n: setattr(bar, "total", n),
+                                 on_shard=lambda entry, problem: report_shard(problem, bar))
+        checked = bar.n
+    click.echo(f"{checked - len(problems)} shards ok, {len(problems)} bad")
+    if problems:
+        raise click.exceptions.Exit(1)
+
+
+def report_shard(problem: ShardError | None, bar: tqdm) -> None:
+    if problem is not None:
+        bar.write(str(problem))
+    bar.update()
+
+
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from .format import decode_sample, read_shard
 from .manifest import CLASSES, read_manifest
+from .verify import check_listed_file
 
 LIVER_RGB = (0.1, 0.9, 0.2)
 TUMOUR_RGB = (1.0, 0.15, 0.1)
@@ -41,7 +43,8 @@ def pick_samples(folder: Path, manifest: dict[str, Any], count: int, seed: int):
     chosen = rng.choice(len(shards), size=count, p=weights / weights.sum())
     picked = []
     for index in sorted(set(chosen.tolist())):
-        targets = [d for d in map(decode_sample, read_shard(folder / shards[index]["path"])) if d.target]
+        path = folder / shards[index]["path"]
+        targets = [d for d in (decode_sample(s, str(path)) for s in read_shard(path)) if d.target]
         take = rng.choice(len(targets), size=min(int((chosen == index).sum()), len(targets)), replace=False)
         picked += [targets[i] for i in sorted(take)]
     return picked
@@ -75,13 +78,23 @@ def save_grid(samples, path: Path, columns: int = 4) -> None:
     plt.close(fig)
 
 
-def inspect_shards(shards: str | Path, out_png: Path | None, count: int = 16, seed: int = 0
+def inspect_shards(shards: str | Path, out_png: Path | None, count: int = 16, seed: int = 0,
+                   on_summary: Callable[[list[str]], None] | None = None
                    ) -> tuple[list[str], Path | None]:
-    """Summary lines, and a PNG grid of ``count`` random target slices with masks overlaid."""
+    """Summary lines, and a PNG grid of ``count`` random target slices with masks overlaid.
+
+    ``on_summary`` gets the lines before any shard is read, so they are shown even when a
+    shard turns out missing or damaged (:class:`ShardError`). Only the picked shards are
+    read; ``liverseg-shards verify`` reads them all.
+    """
     shards = Path(shards)
     manifest = read_manifest(shards)
     folder = shards if shards.is_dir() else shards.parent
     lines = summary_lines(manifest)
+    if on_summary:
+        on_summary(lines)
+    for entry in manifest["shards"]:  # one stat each: a missing or cut shard is named up front
+        check_listed_file(folder / entry["path"], entry)
     if out_png is None or count == 0:
         return lines, None
     samples = pick_samples(folder, manifest, count, seed)

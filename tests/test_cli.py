@@ -54,5 +54,5 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path):
 
 
 def test_help_explains_every_command():
-    for command in ("phantom", "build", "merge", "inspect"):
+    for command in ("phantom", "build", "merge", "inspect", "verify"):
         assert "Usage" in run(command, "--help")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -11,8 +12,9 @@ import webdataset as wds
 import zstandard
 
 from shardgen.build import with_context
-from shardgen.format import (ShardWriter, decode_sample, encode_sample, member_header, read_members, read_shard,
-                             sample_key, stack_stream)
+from shardgen.errors import ShardError
+from shardgen.format import (ShardWriter, decode_sample, encode_sample, member_header, read_members,
+                             read_samples, read_shard, sample_key, stack_stream)
 from shardgen.preprocess import stack_context
 
 
@@ -71,7 +73,6 @@ def test_member_headers_equal_the_standard_librarys(name, size):
 def test_member_reader_agrees_with_tarfile_on_a_foreign_tar(tmp_path):
     path = tmp_path / "foreign.tar"
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        tar.add(tmp_path, arcname="somedir", recursive=False)  # a directory entry: skipped
         for name, data in (("somedir/a.image.zst", b"x" * 700), ("somedir/a.meta.json", b"{}")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -81,16 +82,83 @@ def test_member_reader_agrees_with_tarfile_on_a_foreign_tar(tmp_path):
     assert ours == [("somedir/a.image.zst", b"x" * 700), ("somedir/a.meta.json", b"{}")]
 
 
+def members_end(shard: bytes) -> int:
+    """Where the end-of-archive blocks start: after the block holding the last meta.json's '}'."""
+    return (shard.rindex(b"}") // 512 + 1) * 512
+
+
+def test_member_reader_refuses_a_directory_entry(tmp_path):
+    path = tmp_path / "foreign.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(tmp_path, arcname="somedir", recursive=False)
+    refused = pytest.raises(ShardError, match=r"^foreign.tar \(member somedir/\): a directory")
+    with open(path, "rb") as f, refused:
+        list(read_members(f, "foreign.tar"))
+
+
 @pytest.mark.parametrize("name, damage, message", [
-    ("truncated inside a member", lambda b: b[:700], "ends inside member"),
-    ("truncated inside a header", lambda b: b[:300], "ends inside a header"),
+    ("truncated inside a member", lambda b: b[:700], r"\(member c0-z0000.image.zst\): stream ends inside"),
+    ("truncated inside a header", lambda b: b[:300], "ends inside a tar header"),
     ("flipped byte in a header", lambda b: b[:10] + b"#" + b[11:], "checksum mismatch"),
+    ("cut after the last member", lambda b: b[:members_end(b)], "without the end-of-archive"),
+    ("one end-of-archive block", lambda b: b[:members_end(b) + 512], "not followed by a second"),
 ])
 def test_member_reader_refuses_damaged_tars(tmp_path, name, damage, message):
     images, masks = volume(depth=2)
     write(tmp_path / "a.tar", "c0", images, masks, range(2), {0})
-    with pytest.raises(ValueError, match=message):
-        list(read_members(io.BytesIO(damage((tmp_path / "a.tar").read_bytes()))))
+    with pytest.raises(ShardError, match=f"^a.tar.*{message}"):
+        list(read_members(io.BytesIO(damage((tmp_path / "a.tar").read_bytes())), "a.tar"))
+
+
+def tar_of(names):
+    """A well-formed tar stream of one-byte members with these names."""
+    blocks = [member_header(n, 1) + b"x" + b"\0" * 511 for n in names]
+    return io.BytesIO(b"".join(blocks) + b"\0" * 1024)
+
+
+FULL = ["k0.image.zst", "k0.mask.zst", "k0.meta.json"]
+
+
+@pytest.mark.parametrize("name, names, message", [
+    ("unknown field", ["k0.image.zst", "k0.label.png"], r"\(member k0.label.png\): member name is not"),
+    ("no field", ["README"], r"\(member README\): member name is not"),
+    ("a field twice", ["k0.image.zst", "k0.image.zst"],
+     r"\(member k0.image.zst\): field image.zst appears twice"),
+    ("a field missing", ["k0.image.zst", "k0.meta.json", "k1.image.zst"],
+     r"\(member k0\): sample lacks mask.zst"),
+    ("members of a sample apart", [*FULL, "k1.image.zst", "k1.mask.zst", "k1.meta.json", *FULL],
+     r"\(member k0\): sample key appears twice"),
+])
+def test_sample_reader_refuses_foreign_layouts(name, names, message):
+    with pytest.raises(ShardError, match=f"^a.tar {message}"):
+        list(read_samples(tar_of(names), "a.tar"))
+
+
+def with_meta(**changes):
+    def change(sample):
+        meta = {**json.loads(sample["meta.json"]), **changes}
+        return {**sample, "meta.json": json.dumps({k: v for k, v in meta.items() if v is not None}).encode()}
+    return change
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("not JSON", lambda s: {**s, "meta.json": b"{"}, "meta.json.*not valid JSON"),
+    ("not UTF-8", lambda s: {**s, "meta.json": b"\xff\xfe"}, "meta.json.*not valid JSON"),
+    ("a list", lambda s: {**s, "meta.json": b"[]"}, "meta.json.*lacks some of"),
+    ("no shape", with_meta(shape=None), "meta.json.*lacks some of"),
+    ("shape of three axes", with_meta(shape=[1, 16, 16]), r"meta.json.*not \[height, width\]"),
+    ("shape of floats", with_meta(shape=[16.0, 16]), r"meta.json.*not \[height, width\]"),
+    ("shape larger than the pixels", with_meta(shape=[17, 16]), "image.zst.*decodes to 256 bytes"),
+    ("z beyond the depth", with_meta(z=9), "meta.json.*not a slice of depth 9"),
+    ("z as text", with_meta(z="4"), "meta.json.*not a slice"),
+    ("no image", lambda s: {k: v for k, v in s.items() if k != "image.zst"}, "sample has no image.zst"),
+    ("mask not zstd", lambda s: {**s, "mask.zst": b"abc"}, "mask.zst.*corrupt zstd"),
+])
+def test_decode_refuses_damaged_samples(name, change, message):
+    images, masks = volume()
+    sample = encode_sample("c0", 4, 9, True, images[4], masks[4], zstandard.ZstdCompressor())
+    with pytest.raises(ShardError, match=f"^a.tar \\(member c0-z0004.*{message}"):
+        decode_sample(change(sample), "a.tar")
 
 
 def test_shard_bytes_are_deterministic(tmp_path):
