@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from shardgen.discover import CaseSource, discover, natural_key
+from shardgen.discover import CaseSource, discover, is_safe_id, natural_key, unsafe_id
 from shardgen.errors import InvalidCase, ShardgenError
 from shardgen.manifest import read_manifest, write_json_atomic
 from shardgen.nifti import load_case, load_image
@@ -92,7 +92,9 @@ def find_cases(data: str | Path, split: str, with_labels: bool) -> tuple[list[Ca
     except ShardgenError as exc:
         raise ConfigError(str(exc)) from None
     if not with_labels:
-        sources = sources + unlabelled_images(data, {s.case for s in sources})
+        unlabelled = unlabelled_images(data, {s.case for s in sources})
+        sources += [s for s in unlabelled if is_safe_id(s.case)]
+        rejected += [unsafe_id(s) for s in unlabelled if not is_safe_id(s.case)]
     failed = [{"case": r.case, "error": f"{r.file}: {r.reason}"} for r in rejected]
     if with_labels:
         failed += [{"case": s.case, "error": f"{s.image}: missing label file"}
@@ -275,7 +277,9 @@ def map_cases(accelerator, sources: list[CaseSource], desc: str, work: Callable[
             try:
                 results.append(work(source))
             except InvalidCase as exc:
-                log.error("%s", exc)
+                # not an error line here: the CLI prints each failure once, at the end,
+                # gathered from every process
+                log.info("%s", exc)
                 results.append(failure(source.case, str(exc)))
     return gather(accelerator, results)
 

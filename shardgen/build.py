@@ -2,12 +2,14 @@
 
 Each case is validated completely before anything is written for it; its shard is written
 under a temporary name and renamed when complete, then a small record of it is saved, so a
-re-run after a crash skips finished cases and redoes the rest. Output bytes depend only on
-the inputs and settings, never on the number of workers or nodes.
+re-run after a crash skips finished cases and redoes the rest. Splits are assigned once
+every case has been validated, over the valid ones. Output bytes depend only on the
+inputs and settings, never on the number of workers or nodes, nor on the split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ import numpy as np
 import zstandard
 
 from . import __version__
-from .discover import CaseSource, Rejection, assign_splits, discover, read_split_file
+from .discover import CaseSource, Rejection, apply_split_rule, discover, split_rule
 from .errors import InvalidCase, ShardgenError
 from .format import ShardWriter, class_counts, encode_sample
 from .manifest import assemble_manifest, manifest_name, write_json_atomic
@@ -134,92 +136,127 @@ def write_case_shard(case: Case, case_id: str, path: Path, config: BuildConfig) 
             "spacing_mm": list(case.spacing), "input_shape": list(case.shape)}
 
 
-def shard_path(out: Path, split: str, case_id: str) -> Path:
-    return out / f"{split}-{case_id}.tar"
+def shard_path(out: Path, case_id: str) -> Path:
+    # No split in the name: splits are assigned after every case is validated (see
+    # build_shards), and a shard's bytes do not depend on its split.
+    return out / f"{case_id}.tar"
 
 
 def record_path(out: Path, case_id: str) -> Path:
     return out / RECORDS / f"{case_id}.json"
 
 
-def finished_record(out: Path, source: CaseSource, split: str, settings: dict) -> dict | None:
-    """The saved record of a case whose shard is complete with these settings, else None."""
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def finished_record(out: Path, source: CaseSource, settings: dict) -> dict | None:
+    """The saved record of a case whose shard is complete with these settings and
+    inputs, else None. The shard is hashed, not only sized: a damaged shard of the right
+    size (a bad copy, a disk error) would otherwise be kept."""
     try:
         saved = json.loads(record_path(out, source.case).read_text())
-    except (OSError, ValueError):
+        record = saved["record"]
+        shard = shard_path(out, source.case)
+        if (saved["settings"] != settings or record["shard"] != shard.name
+                or (record["image"], record["label"]) != (str(source.image), str(source.label))):
+            return None
+        if shard.stat().st_size != record["bytes"] or file_sha256(shard) != record["sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):  # no record or shard, or a damaged record
         return None
-    shard = shard_path(out, split, source.case)
-    if saved.get("settings") != settings or saved["record"]["shard"] != shard.name:
-        return None
-    if not shard.is_file() or shard.stat().st_size != saved["record"]["bytes"]:
-        return None
-    return saved["record"]
+    return record
 
 
-def process_case(source: CaseSource, split: str, config: BuildConfig) -> dict[str, Any]:
+def process_case(source: CaseSource, config: BuildConfig) -> dict[str, Any]:
     """Worker entry: reuse a finished shard, or validate and write it. Returns
     ``{"record": ...}`` or ``{"rejection": ...}``; only bugs raise."""
     settings = config.settings()
-    record = finished_record(config.out, source, split, settings)
+    record = finished_record(config.out, source, settings)
     if record is not None:
         return {"record": record, "reused": True}
     try:
         case = load_case(source.image, source.label)
     except InvalidCase as exc:
         return {"rejection": Rejection(source.case, exc.path, exc.reason)}
-    record = write_case_shard(case, source.case, shard_path(config.out, split, source.case), config)
-    record.update(split=split, image=str(source.image), label=str(source.label))
+    record = write_case_shard(case, source.case, shard_path(config.out, source.case), config)
+    record.update(image=str(source.image), label=str(source.label))
     write_json_atomic(record_path(config.out, source.case), {"settings": settings, "record": record})
     return {"record": record, "reused": False}
 
 
-def run_cases(jobs: list[tuple[CaseSource, str]], config: BuildConfig) -> Iterator[dict[str, Any]]:
-    if config.workers == 1 or len(jobs) <= 1:
-        for source, split in jobs:
-            yield process_case(source, split, config)
+def run_cases(sources: list[CaseSource], config: BuildConfig) -> Iterator[dict[str, Any]]:
+    if config.workers == 1 or len(sources) <= 1:
+        for source in sources:
+            yield process_case(source, config)
         return
     with ProcessPoolExecutor(max_workers=config.workers) as pool:
-        futures = [pool.submit(process_case, source, split, config) for source, split in jobs]
+        futures = [pool.submit(process_case, source, config) for source in sources]
         for future in futures:
             yield future.result()
 
 
-def plan(config: BuildConfig) -> tuple[list[tuple[CaseSource, str]], list[Rejection], dict[str, str]]:
-    """Discover, split over all cases (identically on every node), keep this node's share."""
+@dataclass(frozen=True)
+class Plan:
+    cases: list[str]  # every case discovered, on every node
+    mine: list[CaseSource]  # this node's share
+    rejected: list[Rejection]  # by discovery
+    split_rule: dict[str, Any]
+
+
+def plan(config: BuildConfig) -> Plan:
+    """Discover, check the split rule (before hours of work), keep this node's share."""
     sources, rejected = discover(config.inputs)
     if not sources:
         raise ShardgenError("no cases found under " + ", ".join(map(str, config.inputs))
                             + " (expected volume-N.nii[.gz] files or an MSD dataset.json)")
     ids = [s.case for s in sources]
-    splits = (read_split_file(config.split_file, ids) if config.split_file
-              else assign_splits(ids, config.fractions, config.seed))
-    mine = [(s, splits[s.case]) for i, s in enumerate(sources)
-            if i % config.num_nodes == config.node_rank]
-    return mine, rejected, splits
+    rule = split_rule(config.fractions, config.seed, config.split_file, ids)
+    mine = [s for i, s in enumerate(sources) if i % config.num_nodes == config.node_rank]
+    return Plan(ids, mine, rejected, rule)
 
 
 def build_shards(config: BuildConfig, on_case: Callable[[dict[str, Any]], None] | None = None,
                  on_plan: Callable[[int], None] | None = None) -> BuildResult:
     """Build (or finish building) this node's shards and write its manifest.
 
-    ``on_plan(n)`` is told the number of cases first, ``on_case(result)`` after each.
+    Every case is validated and written first; splits are then assigned over the cases
+    that are valid, so a rejected case takes no split's place and junk beside the data
+    does not change the split. A node knows only its own rejections: its manifest's split
+    is provisional, and ``merge`` assigns it again over the valid cases of all nodes.
+    ``on_plan(n)`` is told the number of results to come, then ``on_case(result)`` gets
+    each: discovery's rejections first, then one per case.
     """
-    jobs, rejected, splits = plan(config)
+    planned = plan(config)
     if on_plan:
-        on_plan(len(jobs))
+        on_plan(len(planned.rejected) + len(planned.mine))
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / RECORDS).mkdir(exist_ok=True)
-    records = []
-    for result in run_cases(jobs, config):
+    for rejection in planned.rejected:
+        if on_case:
+            on_case({"rejection": rejection})
+    records, failed = [], []
+    for result in run_cases(planned.mine, config):
         if "rejection" in result:
-            rejected.append(result["rejection"])
+            failed.append(result["rejection"])
             log.info("rejected %s: %s", result["rejection"].file, result["rejection"].reason)
         else:
             records.append(result["record"])
         if on_case:
             on_case(result)
+    return write_manifest(config, planned, records, failed)
+
+
+def write_manifest(config: BuildConfig, planned: Plan, records: list[dict[str, Any]],
+                   failed: list[Rejection]) -> BuildResult:
+    """Assign splits over the cases not rejected (on this node) and write the manifest."""
+    bad = {r.case for r in failed}
+    splits = apply_split_rule(planned.split_rule, [c for c in planned.cases if c not in bad])
+    records = [{**r, "split": splits[r["case"]]} for r in records]
+    rejected = planned.rejected + failed
     manifest = assemble_manifest(records, rejected, splits, config.settings(), __version__,
-                                 nodes=(config.node_rank, config.num_nodes))
+                                 split_rule=planned.split_rule, nodes=(config.node_rank, config.num_nodes))
     path = config.out / manifest_name(config.node_rank, config.num_nodes)
     write_json_atomic(path, manifest)
     return BuildResult(path, manifest, rejected)

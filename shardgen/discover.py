@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,11 @@ SPLITS = ("train", "val", "test")
 LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 NIFTI = re.compile(r"^(?!\._)(.+)\.nii(\.gz)?$")  # "._x" files are macOS resource forks
+# Case ids name shard files, which reach a shell through `pipe:` shard locations: nothing
+# a shell or a command line reads specially (no leading '-' either, an option to `cat`).
+SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+UNSAFE_ID_REASON = ("case id {!r} may hold only letters, digits, '.', '_' and '-', "
+                    "and may not start with '.' or '-'")
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,8 @@ class Rejection:
 
 
 def discover(inputs: Iterable[str | Path]) -> tuple[list[CaseSource], list[Rejection]]:
-    """All cases under ``inputs``, sorted by case id; duplicates and unpaired files rejected."""
+    """All cases under ``inputs``, sorted by case id; duplicates and unsafe case ids
+    (:data:`SAFE_ID`) rejected, images without a label kept with ``label`` None."""
     found: list[CaseSource] = []
     for root in map(Path, inputs):
         if not root.is_dir():
@@ -45,7 +52,16 @@ def discover(inputs: Iterable[str | Path]) -> tuple[list[CaseSource], list[Rejec
         for msd in msd_roots:
             found.extend(discover_msd(msd))
         found.extend(discover_lits(root, exclude=msd_roots))
-    return deduplicate(found)
+    cases, rejected = deduplicate([s for s in found if is_safe_id(s.case)])
+    return cases, [unsafe_id(s) for s in found if not is_safe_id(s.case)] + rejected
+
+
+def is_safe_id(case: str) -> bool:
+    return SAFE_ID.fullmatch(case) is not None
+
+
+def unsafe_id(source: CaseSource) -> Rejection:
+    return Rejection(source.case, str(source.image), UNSAFE_ID_REASON.format(source.case))
 
 
 def discover_lits(root: Path, exclude: list[Path] = ()) -> list[CaseSource]:  # type: ignore[assignment]
@@ -106,8 +122,7 @@ def assign_splits(cases: list[str], fractions: tuple[float, float, float], seed:
     Validation and test get ``round(n * fraction)`` cases, at least one each when their
     fraction is positive and there are enough cases; training gets the rest.
     """
-    if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
-        raise ShardgenError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    check_fractions(fractions)
     order = sorted(cases, key=natural_key)
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
     n = len(order)
@@ -117,6 +132,30 @@ def assign_splits(cases: list[str], fractions: tuple[float, float, float], seed:
     splits.update({c: "test" for c in order[n_val:n_val + n_test]})
     splits.update({c: "train" for c in order[n_val + n_test:]})
     return splits
+
+
+def check_fractions(fractions: tuple[float, float, float]) -> None:
+    if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise ShardgenError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+
+
+def split_rule(fractions: tuple[float, float, float], seed: int, split_file: Path | None,
+               cases: list[str]) -> dict[str, Any]:
+    """How cases get their split: a seeded draw, or a split file's assignment of ``cases``
+    (each must be named). Checked now, applied once the valid cases are known
+    (:func:`apply_split_rule`), and recorded in the manifest so that ``merge`` can apply
+    it to the valid cases of all nodes together."""
+    if split_file is not None:
+        return {"file": str(split_file), "assignment": read_split_file(split_file, cases)}
+    check_fractions(fractions)
+    return {"seed": seed, "fractions": list(fractions)}
+
+
+def apply_split_rule(rule: dict[str, Any], cases: list[str]) -> dict[str, str]:
+    """Case → split of ``cases`` (the valid ones: a rejected case takes no split's place)."""
+    if "assignment" in rule:
+        return {c: rule["assignment"][c] for c in cases}
+    return assign_splits(cases, tuple(rule["fractions"]), rule["seed"])  # type: ignore[arg-type]
 
 
 def read_split_file(path: Path, cases: list[str]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .discover import SPLITS, Rejection
+from .discover import SPLITS, Rejection, apply_split_rule
 from .errors import ShardgenError
 from .format import FORMAT_NAME, FORMAT_VERSION
 from .preprocess import Preprocessing
@@ -32,7 +32,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def assemble_manifest(records: list[dict[str, Any]], rejected: list[Rejection],
                       splits: dict[str, str], settings: dict[str, Any], version: str,
-                      nodes: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+                      split_rule: dict[str, Any], nodes: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The manifest of ``records`` (each with its ``split``, from ``splits``)."""
     records = sorted(records, key=lambda r: (SPLITS.index(r["split"]), r["shard"]))
     shards = [{"path": r["shard"], **{k: r[k] for k in SHARD_KEYS}} for r in records]
     cases = {r["case"]: {k: r[k] for k in CASE_KEYS} for r in records}
@@ -41,6 +42,7 @@ def assemble_manifest(records: list[dict[str, Any]], rejected: list[Rejection],
         **settings,
         "totals": totals(shards), "class_fractions": class_fractions(shards),
         "split_assignment": dict(sorted(splits.items())),
+        "split_rule": split_rule,
         "cases": dict(sorted(cases.items())),
         "shards": shards,
         "rejected": [r.to_dict() for r in rejected],
@@ -105,33 +107,49 @@ def manifest_preprocessing(manifest: dict[str, Any]) -> Preprocessing:
 def merge_manifests(paths: list[Path], out: Path) -> dict[str, Any]:
     """Join the manifests of a multi-node build into ``out`` (a manifest path).
 
-    The parts must agree on settings and split assignment; shard paths are rewritten
-    relative to ``out``'s folder.
+    The parts must agree on settings and split rule. Splits are assigned again, over the
+    valid cases of all parts (a node's own assignment knew only its own rejections), so
+    the result equals a single-node build's; shard paths are rewritten relative to
+    ``out``'s folder.
     """
     parts = [(Path(p), read_manifest(p)) for p in paths]
     if not parts:
         raise ShardgenError("nothing to merge: give the per-node manifests")
+    check_parts_agree(parts)
+    records = joined_records(parts, out)
+    first = parts[0][1]
+    # manifests written before split_rule existed: their (complete) assignment is the rule
+    rule = first.get("split_rule") or {"assignment": first["split_assignment"]}
+    splits = apply_split_rule(rule, [r["case"] for r in records])
+    records = [{**r, "split": splits[r["case"]]} for r in records]
+    settings = {k: first[k] for k in ("preprocessing", "selection", "zstd_level")}
+    merged = assemble_manifest(records, joined_rejections(parts), splits, settings,
+                               first["tool_version"], split_rule=rule)
+    write_json_atomic(out, merged)
+    return merged
+
+
+def check_parts_agree(parts: list[tuple[Path, dict[str, Any]]]) -> None:
     first_path, first = parts[0]
-    keys = ("preprocessing", "selection", "zstd_level", "split_assignment")
     for path, part in parts[1:]:
-        for key in keys:
+        for key in ("preprocessing", "selection", "zstd_level", "split_rule"):
             if part.get(key) != first.get(key):
                 raise ShardgenError(f"{path}: its {key} differs from {first_path}'s; "
                                     "these shards were not built together")
-    records, rejected, seen = [], [], set()
-    for path, part in parts:
-        for shard in part["shards"]:
-            rel = os.path.relpath(path.parent / shard["path"], out.parent)
-            records.append({**shard, **part["cases"][shard["case"]], "shard": rel})
-        for r in part["rejected"]:
-            if (r["case"], r["file"]) not in seen:
-                seen.add((r["case"], r["file"]))
-                rejected.append(Rejection(**r))
+
+
+def joined_records(parts: list[tuple[Path, dict[str, Any]]], out: Path) -> list[dict[str, Any]]:
+    """Every part's shards with their case entries, paths relative to ``out``'s folder."""
+    records = [{**shard, **part["cases"][shard["case"]],
+                "shard": os.path.relpath(path.parent / shard["path"], out.parent)}
+               for path, part in parts for shard in part["shards"]]
     duplicates = [case for case, n in Counter(r["case"] for r in records).items() if n > 1]
     if duplicates:
         raise ShardgenError(f"case(s) {sorted(duplicates)[:5]} appear in more than one manifest")
-    settings = {k: first[k] for k in ("preprocessing", "selection", "zstd_level")}
-    merged = assemble_manifest(records, rejected, first["split_assignment"], settings,
-                               first["tool_version"])
-    write_json_atomic(out, merged)
-    return merged
+    return records
+
+
+def joined_rejections(parts: list[tuple[Path, dict[str, Any]]]) -> list[Rejection]:
+    """Every part's rejections, once each (discovery's are in every part)."""
+    unique = {(r["case"], r["file"]): Rejection(**r) for _, part in parts for r in part["rejected"]}
+    return list(unique.values())

@@ -88,7 +88,7 @@ def test_split_is_by_case_and_recorded(tmp_path):
     assignment = manifest["split_assignment"]
     assert sorted(assignment.values()).count("val") == 1 and sorted(assignment.values()).count("test") == 1
     for shard in manifest["shards"]:
-        assert shard["split"] == assignment[shard["case"]] and shard["path"].startswith(shard["split"])
+        assert shard["split"] == assignment[shard["case"]] and shard["path"] == f"{shard['case']}.tar"
     other = build_shards(BuildConfig(inputs=(tmp_path / "in",), out=tmp_path / "out2",
                                      preprocessing=Preprocessing(size=16), seed=6)).manifest
     assert other["split_assignment"] != assignment
@@ -140,6 +140,41 @@ def test_changed_settings_rewrite_instead_of_mixing(phantom_dir, tmp_path):
                  on_case=lambda r: reused.append(r["reused"]))
     assert reused == [False] * 6
     assert read_manifest(tmp_path)["preprocessing"]["size"] == 24
+
+
+def damage_one_byte(out: Path, inputs: Path) -> Path:
+    """Flip a byte in the middle of a shard: same size, different sha256."""
+    shard = out / read_manifest(out)["cases"]["volume-0"]["shard"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return inputs
+
+
+def move_the_inputs(out: Path, inputs: Path) -> Path:
+    """The same case ids from another folder: their shards may not be reused."""
+    moved = inputs.with_name("moved")
+    inputs.rename(moved)
+    return moved
+
+
+@pytest.mark.parametrize("name, change", [
+    ("a damaged shard of the right size", damage_one_byte),
+    ("inputs from another folder", move_the_inputs),
+], ids=["damaged shard", "moved inputs"])
+def test_resume_rewrites_what_it_cannot_trust(tmp_path, name, change):
+    for i in range(2):
+        write_blob_case(tmp_path / "in", i)
+    first = build_shards(BuildConfig(inputs=(tmp_path / "in",), out=tmp_path / "out",
+                                     preprocessing=Preprocessing(size=16)))
+    before = tars(tmp_path / "out")
+    inputs = change(tmp_path / "out", tmp_path / "in")
+    reused = {}
+    second = build_shards(BuildConfig(inputs=(inputs,), out=tmp_path / "out", preprocessing=Preprocessing(size=16)),
+                          on_case=lambda r: reused.update({r["record"]["case"]: r["reused"]}))
+    expected = {"volume-0": False, "volume-1": change is damage_one_byte}
+    assert reused == expected and tars(tmp_path / "out") == before
+    assert second.manifest["shards"] == first.manifest["shards"]
 
 
 def cli_build(inp: Path, out: Path) -> list[str]:

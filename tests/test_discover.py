@@ -68,6 +68,27 @@ def test_unreadable_dataset_json_is_an_error(tmp_path):
         discover([tmp_path])
 
 
+@pytest.mark.parametrize("name, stem, safe", [
+    ("a shell command", "liver_0;touch x;#", False),
+    ("command substitution", "liver_$(id)", False),
+    ("a space", "liver 0", False),
+    ("a leading dot", ".liver_0", False),
+    ("a leading dash, an option to cat", "-rf", False),
+    ("letters, digits, dots, dashes, underscores", "Liver_0.v2-b", True),
+])
+def test_case_ids_must_be_safe_on_a_command_line(tmp_path, name, stem, safe):
+    root = tmp_path / "Task03_Liver"
+    for sub in ("imagesTr", "labelsTr"):
+        touch(root / sub / f"{stem}.nii.gz")
+    touch(root / "dataset.json", b"{}")
+    cases, rejected = discover([tmp_path])
+    if safe:
+        assert [c.case for c in cases] == [stem] and rejected == []
+    else:
+        assert cases == [] and [(r.case, r.file) for r in rejected] == [(stem, str(root / "imagesTr" / f"{stem}.nii.gz"))]
+        assert rejected[0].reason.startswith(f"case id {stem!r} may hold only letters, digits")
+
+
 @pytest.mark.parametrize("name, count, fractions, expected", [
     ("ten cases", 10, (0.8, 0.1, 0.1), {"train": 8, "val": 1, "test": 1}),
     ("few cases keep val and test", 5, (0.9, 0.05, 0.05), {"train": 3, "val": 1, "test": 1}),

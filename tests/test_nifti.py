@@ -45,6 +45,18 @@ def two_gzip_members(path):
     path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
 
 
+def nifti2_big_endian(path):
+    img = sample_image()
+    header = nib.Nifti2Header().as_byteswapped(">")
+    nib.save(nib.Nifti2Image(np.asanyarray(img.dataobj).astype(">i2"), img.affine, header), str(path))
+
+
+def data_past_the_header_size(path):
+    """More bytes in the gzip stream than the header's shape needs: read as nibabel does."""
+    nib.save(sample_image(), str(path))
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(1000)))
+
+
 def plain(path):
     nib.save(sample_image(), str(path))
 
@@ -57,6 +69,8 @@ def plain(path):
     ("float32", float_volume, ".nii.gz"),
     ("NIfTI-2", nifti2, ".nii"),
     ("gzip with two members", two_gzip_members, ".nii.gz"),
+    ("big-endian NIfTI-2", nifti2_big_endian, ".nii.gz"),
+    ("gzip with data past the header's size", data_past_the_header_size, ".nii.gz"),
 ])
 def test_reader_agrees_with_nibabel(tmp_path, name, write, suffix):
     path = tmp_path / f"volume-0{suffix}"

@@ -125,7 +125,7 @@ def test_bad_case_is_rejected_and_the_others_are_sharded(tmp_path, name, make_ba
     assert [(r.case, r.file, r.reason) for r in result.rejected] == [("volume-7", str(bad_file), reason)]
     assert result.manifest["rejected"] == [{"case": "volume-7", "file": str(bad_file), "reason": reason}]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [
-        "train-volume-0.tar", "train-volume-1.tar", "train-volume-2.tar"]
+        "volume-0.tar", "volume-1.tar", "volume-2.tar"]
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
