@@ -25,9 +25,11 @@ from shardgen.preprocess import Preprocessing, interpolation_matrix, preprocess_
 
 from .config import TTA_CHOICES
 from .errors import CheckpointError, ConfigError
-from .models import load_checkpoint
+from .metrics import CLASSES
+from .models import CONFIG_FILE, ModelSpec, load_checkpoint, read_checkpoint_config
 
 ENSEMBLE = "ensemble"
+CLASS_NAMES = ("background", "liver", "tumour")  # labels 0, 1, 2, as training writes them
 PREPROCESS_CHUNK = 32  # slices windowed and resized at a time: bounds the float32 temporaries
 
 
@@ -56,23 +58,19 @@ def member_name(path: Path, taken: set[str]) -> str:
 
 def load_members(paths: list[str | Path], device: torch.device, channels_last: bool = True
                  ) -> list[Member]:
-    """Load every checkpoint; CheckpointError for a bad one, ConfigError when their
-    preprocessing differs (their predictions would not be comparable slice by slice)."""
+    """Load every checkpoint; CheckpointError for a bad one or one evaluation cannot use
+    (checked before its model is built), ConfigError when their preprocessing differs
+    (their predictions would not be comparable slice by slice)."""
     if not paths:
         raise ConfigError("no checkpoint given (--checkpoint PATH, repeatable)")
     members: list[Member] = []
     for path in map(Path, paths):
+        check_evaluable(path / CONFIG_FILE, read_checkpoint_config(path))
         model, config = load_checkpoint(path, map_location=device)
-        if "preprocessing" not in config:
-            raise CheckpointError(f"{path / 'config.json'}: no recorded preprocessing")
-        try:
-            preprocessing = Preprocessing.from_dict(config["preprocessing"])
-        except Exception as exc:  # shardgen raises its own error type for bad settings
-            raise CheckpointError(f"{path / 'config.json'}: invalid preprocessing ({exc})") from None
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         members.append(Member(member_name(path, {m.name for m in members}), path, model,
-                              preprocessing, config))
+                              Preprocessing.from_dict(config["preprocessing"]), config))
     first = members[0]
     for other in members[1:]:
         if other.preprocessing != first.preprocessing:
@@ -80,6 +78,44 @@ def load_members(paths: list[str | Path], device: torch.device, channels_last: b
                 f"{other.path}: preprocessing {other.preprocessing.to_dict()} differs from "
                 f"{first.path}'s {first.preprocessing.to_dict()}; such checkpoints cannot be ensembled")
     return members
+
+
+def check_evaluable(path: Path, config: dict) -> None:
+    """CheckpointError naming ``path`` and the field unless a checkpoint config (already
+    checked by ``read_checkpoint_config``) is one evaluation can use: recorded
+    preprocessing, labels 0 background, 1 liver, 2 tumour (what the scores read and the
+    ensemble averages), and flip settings that are probabilities."""
+    if "preprocessing" not in config:
+        raise CheckpointError(f"{path}: no recorded preprocessing")
+    classes = ModelSpec.from_dict(config["model"]).classes
+    if classes != CLASSES:
+        raise CheckpointError(f"{path}: invalid model.classes: evaluation needs {CLASSES} "
+                              f"(background, liver, tumour), got {classes}")
+    if config.get("classes", list(CLASS_NAMES)) != list(CLASS_NAMES):
+        raise CheckpointError(f"{path}: invalid classes: evaluation needs {list(CLASS_NAMES)} "
+                              f"in that order, got {config['classes']}")
+    problem = _augment_problem(config.get("train"))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
+def _augment_problem(train: object) -> str:
+    """'' when the training settings' flips (read by ``flips``) are absent or probabilities."""
+    if train is None:
+        return ""
+    if not isinstance(train, dict):
+        return "invalid train: must be an object"
+    augment = train.get("augment")
+    if augment is None:
+        return ""
+    if not isinstance(augment, dict):
+        return "invalid train.augment: must be an object"
+    return "; ".join(f"invalid train.augment.{key}: must be a number in 0..1, got {augment[key]!r:.40}"
+                     for key, _ in FLIP_DIMS if key in augment and not _probability(augment[key]))
+
+
+def _probability(value: object) -> bool:
+    return type(value) in (int, float) and 0 <= value <= 1
 
 
 def preprocess_torch(hu: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:

@@ -7,7 +7,9 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
+import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,13 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from liverseg.errors import CheckpointError, ConfigError
+from shardgen.errors import ShardgenError
+from shardgen.preprocess import Preprocessing
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -190,9 +194,7 @@ def create_model(arch: str, encoder: str = "resnet34", in_channels: int = 3, cla
                                   in_channels=in_channels, classes=classes)
     kwargs.update(_attention_kwargs(arch, attention))
     if decoder_channels is not None:
-        if "decoder_channels" not in inspect.signature(constructor).parameters:
-            raise ConfigError(f"{arch} has no decoder_channels setting")
-        kwargs["decoder_channels"] = tuple(int(c) for c in decoder_channels)
+        kwargs["decoder_channels"] = _decoder_setting(arch, constructor, decoder_channels)
     try:
         return constructor(**kwargs)
     except OSError as err:
@@ -204,6 +206,17 @@ def create_model(arch: str, encoder: str = "resnet34", in_channels: int = 3, cla
                           "use encoder weights none") from err
     except ValueError as err:  # smp's way of refusing an arch/encoder pair, e.g. dpt + resnet
         raise ConfigError(f"{arch} cannot be built with encoder {encoder}: {err}") from err
+
+
+def _decoder_setting(arch: str, constructor: Callable[..., nn.Module],
+                     decoder_channels: Sequence[int]) -> tuple[int, ...]:
+    parameter = inspect.signature(constructor).parameters.get("decoder_channels")
+    if parameter is None:
+        raise ConfigError(f"{arch} has no decoder_channels setting")
+    # deeplabv3, pan, upernet, ... take one width, not one per stage; a tuple would be a TypeError deep in smp
+    if not isinstance(parameter.default, (tuple, list)):
+        raise ConfigError(f"{arch} takes one decoder width, not decoder_channels per stage")
+    return tuple(int(c) for c in decoder_channels)
 
 
 def _lookup_arch(arch: str) -> Callable[..., nn.Module]:
@@ -276,31 +289,86 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """The inverse of ``to_dict``; ConfigError on unknown, missing or mistyped fields."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
+        """The inverse of ``to_dict``; ConfigError on unknown, missing, mistyped or
+        out-of-bounds fields (``SPEC_RULES``), before anything is built."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown model settings {unknown}; valid: {sorted(fields)}")
+            raise ConfigError(f"unknown model settings {_shown(unknown)}; valid: {sorted(fields)}")
         if "arch" not in data:
             raise ConfigError("model settings lack 'arch'")
-        spec = cls(**data)
-        spec._check_types()
-        return spec
+        problems = field_problems(data, SPEC_RULES, "model.")
+        if problems:
+            raise ConfigError(problems)
+        return cls(**data)
 
-    def _check_types(self) -> None:
-        # JSON written by hand (or by an older tool) may hold "3" or 3.0; catch it here, not deep in torch
-        wrong = [name for name, ok in (
-            ("arch", isinstance(self.arch, str)),
-            ("encoder", isinstance(self.encoder, str)),
-            ("in_channels", type(self.in_channels) is int and self.in_channels > 0),
-            ("classes", type(self.classes) is int and self.classes > 0),
-            ("attention", self.attention is None or isinstance(self.attention, str)),
-            ("decoder_channels", self.decoder_channels is None or (
-                len(self.decoder_channels) > 0
-                and all(type(c) is int and c > 0 for c in self.decoder_channels))),
-        ) if not ok]
-        if wrong:
-            raise ConfigError(f"model settings have invalid {', '.join(wrong)}: {self.to_dict()}")
+
+# --------------------------------------------------------------------------- bounds
+
+def _integer(lo: int, hi: int) -> Callable[[Any], bool]:
+    # `type(v) is int`, not isinstance: JSON true is a bool, which Python counts as the int 1
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 200
+
+
+def _decoder_channels(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == DECODER_STAGES
+                             and all(map(_integer(1, MAX_DECODER_CHANNELS), value)))
+
+
+# What a checkpoint's config.json may ask for, checked before anything is built: the file
+# is user input, and classes 1e9 would have torch allocate 64 GB before failing. The
+# bounds are far above any model liverseg trains (3 classes, 1-7 channels, 256-wide decoders).
+MAX_CLASSES, MAX_IN_CHANNELS, MAX_DECODER_CHANNELS = 16, 64, 4096
+DECODER_STAGES = 5  # one per ×2 downsampling of the depth-5 encoders (see _STRIDE)
+SPEC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "arch": (_name, "an architecture name"),
+    "encoder": (_name, "an encoder name"),
+    "in_channels": (_integer(1, MAX_IN_CHANNELS), f"an integer in 1..{MAX_IN_CHANNELS}"),
+    "classes": (_integer(1, MAX_CLASSES), f"an integer in 1..{MAX_CLASSES}"),
+    "attention": (lambda v: v is None or _name(v), "null or an attention name"),
+    "decoder_channels": (_decoder_channels,
+                         f"null or {DECODER_STAGES} integers in 1..{MAX_DECODER_CHANNELS}"),
+}
+
+
+def _window(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(type(v) in (int, float) and math.isfinite(v) and abs(v) <= MAX_HU for v in value)
+            and value[0] < value[1])
+
+
+# A checkpoint's copy of shardgen's Preprocessing, bounded here: shardgen checks less (no
+# upper bounds, bools pass as ints), and a size of 1e6 would make evaluation allocate terabytes.
+MAX_HU = 100_000  # CT values lie within about -1024..30000 HU
+PREPROCESSING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "window": (_window, f"[low, high] with -{MAX_HU} <= low < high <= {MAX_HU}"),
+    "size": (_integer(8, 4096), "an integer in 8..4096"),
+    "context": (_integer(0, 16), "an integer in 0..16"),
+    "orientation": (_name, "an orientation rule"),
+}
+MAX_CONFIG_BYTES = 1 << 20  # a checkpoint's config.json is a few kB; a huge one is not parsed
+
+
+def field_problems(data: Mapping[str, Any], rules: Mapping[str, tuple[Callable[[Any], bool], str]],
+                   prefix: str = "") -> str:
+    """'' when every field of ``data`` that has a rule passes it, else one line naming
+    each failing field (``prefix`` + name), what it must be and what it is."""
+    return "; ".join(f"invalid {prefix}{name}: must be {what}, got {_shown(data[name])}"
+                     for name, (ok, what) in rules.items() if name in data and not ok(data[name]))
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 40
+_SHORT.maxlist = _SHORT.maxdict = 6
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line message: repr, shortened (a hostile file may hold megabytes)."""
+    return _SHORT.repr(value)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -328,6 +396,7 @@ def export_checkpoint(model: nn.Module, spec: ModelSpec, folder: Path,
         raise ValueError("extra must not hold a 'model' key: it is the model spec's place")
     model = unwrap_model(model)
     config_text = json.dumps({"model": spec.to_dict(), **extra}, indent=2)
+    _check_loadable(folder, config_text)
     tensors = _tensors_for_safetensors(model.state_dict())
     _check_spec_fits(spec, tensors)
     folder = Path(folder)
@@ -346,6 +415,14 @@ def export_checkpoint(model: nn.Module, spec: ModelSpec, folder: Path,
         model_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)
     return folder
+
+
+def _check_loadable(folder: Path, config_text: str) -> None:
+    # a checkpoint that load_checkpoint would refuse is a bug in the caller: refuse to write it
+    try:
+        check_checkpoint_config(Path(folder) / CONFIG_FILE, json.loads(config_text))
+    except CheckpointError as err:
+        raise ValueError(f"refusing to write a checkpoint that would not load: {err}") from None
 
 
 def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -369,7 +446,7 @@ def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 def _check_spec_fits(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> None:
     # A spec that does not describe the model would otherwise only show at load time, after training.
-    problem = _state_mismatch(_empty_state(spec), tensors)
+    problem = _state_mismatch(_shapes(_empty_state(spec)), _shapes(tensors))
     if problem:
         raise ValueError(f"spec {spec} does not describe the model: {problem}")
 
@@ -400,56 +477,121 @@ def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu"
     """Rebuild the model of an exported checkpoint folder, in eval mode, and return its config.
 
     Uses safetensors only (no pickle). CheckpointError names the file for a missing folder
-    or file, invalid JSON, settings that do not build, a corrupt weights file or weights
-    that do not fit the model.
+    or file, invalid JSON, out-of-bounds or inconsistent settings, settings that do not
+    build, a corrupt weights file or weights that do not fit the model. Nothing is
+    allocated before the settings are checked and the weights file's header (the tensor
+    names and shapes) is found to fit them.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    config = _read_config(folder / CONFIG_FILE)
-    model = _build_from_config(folder / CONFIG_FILE, config["model"])
-    state = _read_weights(folder / MODEL_FILE)
-    problem = _state_mismatch(model.state_dict(), state)
+    config = read_checkpoint_config(folder)
+    spec = ModelSpec.from_dict(config["model"])
+    expected = _expected_shapes(folder / CONFIG_FILE, spec)
+    problem = _state_mismatch(expected, _weight_shapes(folder / MODEL_FILE))
     if problem:
         raise CheckpointError(f"{folder / MODEL_FILE}: weights do not fit {config['model']}: {problem}")
-    model.load_state_dict(state, strict=True)
+    model = create_model(**spec.to_dict())
+    model.load_state_dict(_read_weights(folder / MODEL_FILE), strict=True)
     return model.to(map_location).eval(), config
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{path}: no \"model\" settings object")
+def read_checkpoint_config(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json, checked (``check_checkpoint_config``); builds nothing."""
+    path = Path(folder) / CONFIG_FILE
+    config = _read_json(path)
+    check_checkpoint_config(path, config)
     return config
 
 
-def _build_from_config(path: Path, settings: Mapping[str, Any]) -> nn.Module:
+def _read_json(path: Path) -> Any:
     try:
-        return create_model(**ModelSpec.from_dict(settings).to_dict())
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, not a checkpoint config (a few kB)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply)") from None
+
+
+def check_checkpoint_config(path: Path, config: Any) -> None:
+    """CheckpointError naming ``path`` and the field unless ``config`` holds model settings
+    within ``SPEC_RULES`` and, when recorded, preprocessing within ``PREPROCESSING_RULES``
+    whose channel count is the model's, and one class name per class."""
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: no \"model\" settings object")
+    try:
+        spec = ModelSpec.from_dict(config["model"])
+        if "preprocessing" in config:
+            _check_preprocessing(config["preprocessing"], spec)
+        if "classes" in config:
+            _check_class_names(config["classes"], spec)
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _check_preprocessing(settings: Any, spec: ModelSpec) -> None:
+    if not isinstance(settings, dict):
+        raise ConfigError(f"invalid preprocessing: must be an object, got {_shown(settings)}")
+    problems = field_problems(settings, PREPROCESSING_RULES, "preprocessing.")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        channels = Preprocessing.from_dict(settings).channels
+    except ShardgenError as err:  # unknown settings, an orientation rule it does not know
+        raise ConfigError(f"invalid preprocessing: {err}") from None
+    if spec.in_channels != channels:
+        raise ConfigError(f"invalid model.in_channels: {spec.in_channels}, but the preprocessing makes "
+                          f"{channels} channels (2 x preprocessing.context + 1)")
+
+
+def _check_class_names(names: Any, spec: ModelSpec) -> None:
+    if not (isinstance(names, list) and len(names) == spec.classes and all(map(_name, names))):
+        raise ConfigError(f"invalid classes: must be model.classes ({spec.classes}) names, got {_shown(names)}")
+
+
+def _expected_shapes(path: Path, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``spec``'s state dict, built on the meta device; CheckpointError
+    naming ``path`` for settings that do not build."""
+    try:
+        return _shapes(_empty_state(spec))
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors."""
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
-def _state_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def _state_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
                     shown: int = 5) -> str:
     """'' when the keys and shapes agree, else which keys are missing, unexpected or reshaped."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
+    reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     parts = [f"{label} {len(keys)} keys {keys[:shown]}{' …' if len(keys) > shown else ''}"
              for label, keys in (("missing", missing), ("unexpected", unexpected),
                                  ("shape-mismatched", reshaped)) if keys]

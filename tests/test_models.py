@@ -226,8 +226,11 @@ def test_our_errors_share_one_base():
 
 # --------------------------------------------------------------------------- checkpoints
 
-EXTRA = {"preprocessing": {"window": [-100, 240], "size": 64, "context": 1}, "step": 7,
-         "train": {"lr": 0.001}, "metrics": {"dice_liver": 0.91, "dice_tumour": None}}
+def extra(in_channels: int = 3) -> dict:
+    """What train.py records beside the spec; the preprocessing makes ``in_channels`` channels
+    (export and load refuse a checkpoint whose model and preprocessing disagree)."""
+    return {"preprocessing": {"window": [-100, 240], "size": 64, "context": (in_channels - 1) // 2}, "step": 7,
+            "train": {"lr": 0.001}, "metrics": {"dice_liver": 0.91, "dice_tumour": None}}
 
 
 def trained_model(spec: ModelSpec) -> nn.Module:
@@ -255,12 +258,13 @@ def test_round_trip_gives_identical_logits_and_config(tmp_path, spec):
     x = batch(spec.in_channels, seed=2)
     with torch.no_grad():
         expected = model(x)
-    assert export_checkpoint(model, spec, tmp_path / "ckpt", EXTRA) == tmp_path / "ckpt"
+    assert export_checkpoint(model, spec, tmp_path / "ckpt", extra(spec.in_channels)) == tmp_path / "ckpt"
     loaded, config = load_checkpoint(tmp_path / "ckpt")
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
-    assert config == json.loads(json.dumps({"model": spec.to_dict(), **EXTRA}))  # tuples come back as lists
+    written = {"model": spec.to_dict(), **extra(spec.in_channels)}
+    assert config == json.loads(json.dumps(written))  # tuples come back as lists
     assert ModelSpec.from_dict(config["model"]) == spec
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_FILE, MODEL_FILE]
 
@@ -323,7 +327,7 @@ def test_export_refuses_before_writing(tmp_path, spec, extra, fragment):
 
 def test_load_never_unpickles(tmp_path, monkeypatch):
     spec = ModelSpec("resunet", ENCODER)
-    export_checkpoint(trained_model(spec), spec, tmp_path, EXTRA)
+    export_checkpoint(trained_model(spec), spec, tmp_path, extra())
 
     def forbidden(*args, **kwargs):
         raise AssertionError("checkpoint loading must not unpickle")
@@ -367,7 +371,7 @@ DAMAGE = {
         "unknown model settings ['depth']"),
     "config with a mistyped setting": (
         lambda f: _rewrite_config(f, lambda c: c["model"].update(classes="3")), CONFIG_FILE,
-        "invalid classes"),
+        "invalid model.classes"),
     "weights missing": (lambda f: (f / MODEL_FILE).unlink(), MODEL_FILE, "not found"),
     "weights truncated": (lambda f: _truncate(f / MODEL_FILE), MODEL_FILE, "not a readable safetensors"),
     "weights not safetensors": (
@@ -390,7 +394,7 @@ def good_checkpoint(tmp_path_factory) -> Path:
     # a small timm encoder keeps the thirteen copies of the folder cheap
     spec = ModelSpec("resunet", "tu-mobilenetv3_small_050", in_channels=1)
     folder = tmp_path_factory.mktemp("good") / "ckpt"
-    export_checkpoint(create_model(**spec.to_dict()), spec, folder, EXTRA)
+    export_checkpoint(create_model(**spec.to_dict()), spec, folder, extra(spec.in_channels))
     return folder
 
 
@@ -431,6 +435,8 @@ def test_decoder_channels_narrow_the_decoder_and_survive_a_checkpoint(tmp_path, 
     assert torch.equal(model(x), narrow.eval()(x))
 
 
-def test_decoder_channels_on_an_architecture_without_them_is_a_config_error():
-    with pytest.raises(ConfigError, match="no decoder_channels"):
-        create_model("fpn", "resnet18", 3, 3, decoder_channels=(64, 32, 16, 16, 16))
+@pytest.mark.parametrize("arch, fragment", [("fpn", "no decoder_channels"), ("deeplabv3", "one decoder width"),
+                                             ("upernet", "one decoder width")])
+def test_decoder_channels_on_an_architecture_without_them_is_a_config_error(arch, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        create_model(arch, "resnet18", 3, 3, decoder_channels=(64, 32, 16, 16, 16))
