@@ -328,7 +328,7 @@ def export_checkpoint(model: nn.Module, spec: ModelSpec, folder: Path,
         raise ValueError("extra must not hold a 'model' key: it is the model spec's place")
     model = unwrap_model(model)
     config_text = json.dumps({"model": spec.to_dict(), **extra}, indent=2)
-    tensors = _tensors_for_safetensors(model.state_dict())
+    tensors = tensors_for_safetensors(model.state_dict())
     _check_spec_fits(spec, tensors)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -348,7 +348,7 @@ def export_checkpoint(model: nn.Module, spec: ModelSpec, folder: Path,
     return folder
 
 
-def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors, each owning its storage.
 
     safetensors refuses tensors that share memory (tied weights, views); those get a copy,
