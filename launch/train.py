@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from liverseg.config import PRECISIONS, REPORTERS, load_config
+from liverseg.config import BAD_SHARD_POLICIES, PRECISIONS, REPORTERS, load_config
 from liverseg.errors import LiversegError
 from shardgen.errors import ShardgenError, os_error_line
 
@@ -39,6 +39,9 @@ from shardgen.errors import ShardgenError, os_error_line
 @click.option("--report-to", type=click.Choice(REPORTERS), help="Experiment tracker.  [default: none]")
 @click.option("--workers", type=int, help="Data loader processes per rank.  [default: 4]")
 @click.option("--oversample-tumour", type=float, help="Extra copies of tumour slices, on average.")
+@click.option("--on-bad-shard", type=click.Choice(BAD_SHARD_POLICIES),
+              help="A shard that cannot be read: stop with its name, or skip it with a warning "
+                   "and count it.  [default: fail]")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.  [default: off]")
 @click.option("--seed", type=int, help="[default: 0]")
 def main(config_file, **flags) -> None:

@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 REPORTERS = ("none", "wandb", "tensorboard")
+BAD_SHARD_POLICIES = ("fail", "skip")  # what training does with a shard it cannot read
 TTA_CHOICES = ("none", "flips")  # test-time augmentation of inference (liverseg.inference.flips)
 
 
@@ -144,6 +145,8 @@ class TrainConfig:
     max_nonfinite: int = 5
     log_every: int = 20
     seed: int = 0
+    on_bad_shard: str = "fail"  # "skip": leave out shards that cannot be read, warn and count them
+    trace_samples: bool = False  # write the sample keys of every step to samples.jsonl
 
     def __post_init__(self) -> None:
         checks = [
@@ -157,6 +160,7 @@ class TrainConfig:
             (self.max_nonfinite >= 1 and self.keep_checkpoints >= 1,
              "max_nonfinite and keep_checkpoints must be >= 1"),
             (0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema}"),
+            (self.on_bad_shard in BAD_SHARD_POLICIES, f"on_bad_shard must be one of {BAD_SHARD_POLICIES}"),
         ]
         for ok, message in checks:
             if not ok:

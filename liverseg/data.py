@@ -1,18 +1,29 @@
-"""Training data: shardgen shards streamed with WebDataset, stacked, shuffled and batched per rank.
+"""Training data: shardgen shards streamed per rank, stacked, shuffled and batched, with a
+position that a checkpoint saves and a resumed run restores exactly.
 
-Every rank streams its own shards: each pass over the data is a fresh seeded permutation of
-all shards, dealt out to ranks and then to loader workers. The training stream never ends
-(passes follow each other), so every rank can take exactly the same number of steps
-whatever the shard sizes; the validation stream is one finite pass over the rank's share.
-The loader is deliberately not passed through ``accelerator.prepare``.
+Every rank streams its own shards. Each pass over the data ("epoch") is a seeded
+permutation of all shards, dealt out to ranks and then to the rank's loader workers. A
+worker reads its shards in *blocks* (consecutive shards holding at least
+``shuffle_buffer`` target slices, grouped by the manifest's counts) and emits a block's
+samples in a seeded random order. The stream's position is therefore three numbers per
+worker: (epoch, block, samples of the block already emitted). Every batch carries the
+position reached after it; a resumed run re-reads one block and skips to that offset, so
+it takes the same samples in the same order as a run that was never stopped.
+
+The training stream never ends (epochs follow each other), so every rank can take exactly
+the same number of steps whatever the shard sizes; the validation stream is one finite
+pass over the rank's share. The loader is deliberately not passed through
+``accelerator.prepare``.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
+import shlex
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,25 +32,30 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from shardgen.errors import ShardgenError
+from shardgen.errors import ShardError, ShardgenError
 from shardgen.format import context_stream, decode_sample, read_samples
 from shardgen.manifest import MANIFEST, parse_manifest, read_manifest
 
+from .config import BAD_SHARD_POLICIES
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ShardSource:
     """Where the shards live: a local folder, an http(s) URL of the folder, or a
     ``pipe:`` command template in which ``{}`` stands for a file name in the folder
-    (``pipe:aws s3 cp s3://bucket/shards/{} -``)."""
+    (``pipe:aws s3 cp s3://bucket/shards/{} -``). Shard paths come from the manifest,
+    which shardgen has checked to stay inside the folder; in a ``pipe:`` command they are
+    shell-quoted all the same."""
 
     location: str
     manifest: dict[str, Any]
 
     def url(self, relative: str) -> str:
         if self.location.startswith("pipe:"):
-            return self.location.replace("{}", relative)
+            return self.location.replace("{}", shlex.quote(relative))
         if "://" in self.location:
             return self.location.rstrip("/") + "/" + relative
         return str(Path(self.location) / relative)
@@ -84,17 +100,58 @@ def _run_pipe(command: str) -> str:
     return result.stdout
 
 
-def shard_samples(sources: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
-    """Open each shard URL with WebDataset's opener (files, pipe:, http) and read its
-    samples with shardgen's reader (5x faster than the generic tar parsing)."""
-    for source in wds.tariterators.url_opener(sources):
-        stream = source["stream"]
+# --------------------------------------------------------------------------- reading shards
+
+Item = tuple[list[np.ndarray], np.ndarray, str]  # channel slices, mask, sample key
+
+
+def read_items(url: str, context: int) -> list[Item]:
+    """The target slices of one shard with their context channels, read completely before
+    any is used, so a shard damaged half-way is refused whole (ShardError names it)."""
+    try:
+        with closing(wds.gopen(url, "rb")) as stream:
+            decoded = [decode_sample(s, url) for s in read_samples(stream, url)]
+        return [(channels, sample.mask, f"{sample.case}/{sample.z}")
+                for sample, channels in context_stream(decoded, context)]
+    except ShardError:
+        raise
+    except OSError as exc:  # a missing file, a failing pipe: command, a broken connection
+        raise ShardError(url, exc.strerror or str(exc)) from None
+    except ValueError as exc:  # a context neighbour missing from the stream
+        raise ShardError(url, str(exc)) from None
+
+
+class BadShards:
+    """What a stream does with a shard it cannot read: ``fail`` stops with one line naming
+    it, ``skip`` leaves it out with a warning and counts it."""
+
+    def __init__(self, policy: str):
+        if policy not in BAD_SHARD_POLICIES:
+            raise ConfigError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.skipped = 0
+
+    def read(self, url: str, context: int) -> list[Item]:
         try:
-            yield from read_samples(stream)
-        except ValueError as exc:
-            raise ValueError(f"{source['url']}: {exc}") from None
-        finally:
-            stream.close()
+            return read_items(url, context)
+        except ShardError as exc:
+            if self.policy == "fail":
+                raise
+            self.skipped += 1
+            log.warning("skipped a bad shard: %s", exc)
+            return []
+
+
+# --------------------------------------------------------------------------- stream position
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where one worker's stream stands: the next sample is item ``offset`` of block
+    ``block`` of pass ``epoch`` (offset 0 means the block has not been read yet)."""
+
+    epoch: int = 0
+    block: int = 0
+    offset: int = 0
 
 
 def worker_position() -> tuple[int, int]:
@@ -102,41 +159,90 @@ def worker_position() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def deal_shards(urls: list[str], rank: int, world: int, seed: int, start: int) -> Iterator[dict[str, str]]:
-    """Endless passes over ``urls``, each a fresh permutation seeded by (seed, start, pass),
-    dealt out to this rank and then to this loader worker. ``start`` (the step training
-    resumed at) makes a resumed run move on instead of replaying the same order."""
-    worker, workers = worker_position()
-    streams = world * workers
-    for epoch in range(2**62):
-        rng = np.random.default_rng([seed, start, epoch])
-        order: list[int] = []
-        while len(order) < streams or not order:
-            order += rng.permutation(len(urls)).tolist()
-        for i in order[rank * workers + worker::streams]:
-            yield {"url": urls[i]}
+def epoch_order(count: int, streams: int, seed: int, epoch: int) -> list[int]:
+    """Shard indices of one pass, a fresh seeded permutation; repeated until every one of
+    ``streams`` (ranks × workers) gets at least one shard."""
+    rng = np.random.default_rng([seed, epoch])
+    order: list[int] = []
+    while len(order) < streams or not order:
+        order += rng.permutation(count).tolist()
+    return order
 
 
-def split_shards(urls: list[str], rank: int, world: int) -> Iterator[dict[str, str]]:
-    """One finite pass: this rank's share of the shards, split again across workers."""
-    worker, workers = worker_position()
-    for url in urls[rank::world][worker::workers]:
-        yield {"url": url}
+def blocks_of(shards: list[int], targets: list[int], block_samples: int) -> list[list[int]]:
+    """Consecutive shards grouped until each group holds ``block_samples`` targets."""
+    blocks: list[list[int]] = [[]]
+    held = 0
+    for index in shards:
+        if held >= block_samples:
+            blocks.append([])
+            held = 0
+        blocks[-1].append(index)
+        held += targets[index]
+    return blocks
 
 
-def training_samples(source: Iterator[dict[str, Any]], context: int, oversample_tumour: float,
-                     seed: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-    """(channel slices [uint8 (H, W)] * C, mask uint8 (H, W)) of the target slices, built
-    before any shuffling (stacks need z order). Tumour slices are repeated on average
-    1 + ``oversample_tumour`` times."""
-    rng = np.random.default_rng([seed, *worker_position()])
-    decoded = (decode_sample(s) for s in source)
-    for sample, channels in context_stream(decoded, context):
-        repeats = 1
-        if sample.tumour and oversample_tumour > 0:
-            repeats += int(oversample_tumour) + int(rng.random() < oversample_tumour % 1)
-        for _ in range(repeats):
-            yield channels, sample.mask
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything one rank's training stream depends on; with a cursor per worker it
+    determines the samples exactly."""
+
+    urls: tuple[str, ...]
+    targets: tuple[int, ...]
+    context: int
+    batch_size: int
+    block_samples: int
+    oversample_tumour: float
+    seed: int
+    rank: int
+    world: int
+    workers: int  # loader processes (0 counts as one: the main process)
+    on_bad_shard: str = "fail"
+
+    @property
+    def streams(self) -> int:
+        return max(self.workers, 1)
+
+    def role_blocks(self, role: int, epoch: int) -> list[list[int]]:
+        streams = self.world * self.streams
+        order = epoch_order(len(self.urls), streams, self.seed, epoch)
+        mine = order[self.rank * self.streams + role::streams]
+        return blocks_of(mine, list(self.targets), self.block_samples)
+
+    def block_items(self, role: int, epoch: int, block: list[int], number: int,
+                    bad: BadShards) -> list[Item]:
+        """A block's samples in their seeded order, tumour slices repeated on average
+        1 + ``oversample_tumour`` times."""
+        rng = np.random.default_rng([self.seed, self.rank, role, epoch, number])
+        items: list[Item] = []
+        for index in block:
+            for item in bad.read(self.urls[index], self.context):
+                repeats = 1
+                if self.oversample_tumour > 0 and (item[1] == 2).any():
+                    repeats += int(self.oversample_tumour) + int(rng.random() < self.oversample_tumour % 1)
+                items += [item] * repeats
+        return [items[i] for i in rng.permutation(len(items))]
+
+
+def role_stream(spec: StreamSpec, role: int, cursor: Cursor, bad: BadShards
+                ) -> Iterator[tuple[Item, Cursor]]:
+    """One worker's endless samples from ``cursor`` on, each with the cursor after it."""
+    epoch, first, offset = cursor.epoch, cursor.block, cursor.offset
+    while True:
+        blocks = spec.role_blocks(role, epoch)
+        emitted = False
+        for number in range(first, len(blocks)):
+            items = spec.block_items(role, epoch, blocks[number], number, bad)
+            for i in range(offset, len(items)):
+                emitted = True
+                after = (Cursor(epoch, number, i + 1) if i + 1 < len(items) else
+                         Cursor(epoch, number + 1, 0) if number + 1 < len(blocks) else Cursor(epoch + 1, 0, 0))
+                yield items[i], after
+            offset = 0
+        if not emitted and first == 0:
+            raise ShardError(spec.urls[0] if len(spec.urls) == 1 else "training shards",
+                             "no readable training sample in a whole pass over this worker's shards")
+        epoch, first = epoch + 1, 0
 
 
 def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -149,18 +255,119 @@ def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def collate(batch: list[tuple[list[np.ndarray], np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(batch: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 tensors (B, C, H, W) and (B, H, W), each slice copied once; conversion to
     float happens on the device."""
-    channels, mask = batch[0]
+    channels, mask = batch[0][0], batch[0][1]
     images = batch_tensor((len(batch), len(channels), *mask.shape))
     masks = batch_tensor((len(batch), *mask.shape))
     image_view, mask_view = images.numpy(), masks.numpy()
-    for i, (channels, mask) in enumerate(batch):
+    for i, (channels, mask, _) in enumerate(batch):
         for c, plane in enumerate(channels):
             image_view[i, c] = plane
         mask_view[i] = mask
     return images, masks
+
+
+class RoleBatches(torch.utils.data.IterableDataset):
+    """The batches of the worker that plays ``role``, each with the information the main
+    process keeps: the role, the cursor after the batch, the samples' keys and how many
+    bad shards this role skipped so far. A shard error under the ``fail`` policy becomes
+    an ``{"error": line}`` item, re-raised by the main process in one line."""
+
+    def __init__(self, spec: StreamSpec, cursors: tuple[Cursor, ...], shift: int, skipped: tuple[int, ...]):
+        self.spec, self.cursors, self.shift, self.skipped = spec, cursors, shift, skipped
+
+    def __iter__(self):
+        worker, _ = worker_position()
+        role = (worker + self.shift) % self.spec.streams
+        bad = BadShards(self.spec.on_bad_shard)
+        bad.skipped = self.skipped[role]
+        batch: list[Item] = []
+        try:
+            for item, after in role_stream(self.spec, role, self.cursors[role], bad):
+                batch.append(item)
+                if len(batch) == self.spec.batch_size:
+                    info = {"role": role, "cursor": [after.epoch, after.block, after.offset],
+                            "keys": [key for _, _, key in batch], "skipped": bad.skipped}
+                    yield (*collate(batch), info)
+                    batch = []
+        except ShardError as exc:
+            yield {"error": str(exc)}
+
+
+class TrainStream:
+    """One rank's endless training batches (uint8 images (B, C, H, W), masks (B, H, W)),
+    knowing its exact position: ``state()`` is JSON for a checkpoint, and a stream made
+    from that state continues with the very next sample.
+
+    The loader hands out worker w's batches in turn (batch k comes from worker k mod W),
+    so after ``consumed`` batches a resumed loader's worker 0 plays role ``consumed mod W``.
+    """
+
+    def __init__(self, spec: StreamSpec, state: dict[str, Any] | None = None):
+        self.spec = spec
+        streams = spec.streams
+        self.cursors = [Cursor()] * streams
+        self.skipped = [0] * streams
+        self.consumed = 0
+        self.last_keys: list[str] = []
+        if state is not None:
+            self._restore(state)
+        dataset = RoleBatches(spec, tuple(self.cursors), self.consumed % streams, tuple(self.skipped))
+        # its own generator: creating the loader must not draw from the global RNG, which
+        # the checkpoint restores for the training step itself
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=spec.workers, pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if spec.workers > 0 else None, generator=torch.Generator().manual_seed(spec.seed))
+        self.batches = iter(self.loader)
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        item = next(self.batches)
+        if "error" in item:
+            raise ShardError(*_split_error(item["error"]))
+        images, masks, info = item
+        role = info["role"]
+        self.cursors[role] = Cursor(*info["cursor"])
+        self.skipped[role] = info["skipped"]
+        self.consumed += 1
+        self.last_keys = info["keys"]
+        return images, masks
+
+    @property
+    def skipped_shards(self) -> int:
+        return sum(self.skipped)
+
+    def layout(self) -> dict[str, Any]:
+        spec = self.spec
+        return {"world": spec.world, "rank": spec.rank, "workers": spec.streams, "shards": len(spec.urls),
+                "batch_size": spec.batch_size, "block_samples": spec.block_samples, "seed": spec.seed}
+
+    def state(self) -> dict[str, Any]:
+        return {**self.layout(), "consumed": self.consumed, "skipped": list(self.skipped),
+                "cursors": [[c.epoch, c.block, c.offset] for c in self.cursors]}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved = {k: state.get(k) for k in self.layout()}
+        if saved != self.layout():
+            # another world size, worker count or data: an exact continuation does not
+            # exist; start the next pass instead of replaying the first one
+            epoch = max((c[0] for c in state.get("cursors", [[0]])), default=0) + 1
+            log.warning("the saved data position was made with %s, this run has %s: the stream "
+                        "continues from pass %d, not from the exact sample", saved, self.layout(), epoch)
+            self.cursors = [Cursor(epoch, 0, 0)] * self.spec.streams
+            return
+        self.cursors = [Cursor(*c) for c in state["cursors"]]
+        self.skipped = list(state["skipped"])
+        self.consumed = int(state["consumed"])
+
+
+def _split_error(line: str) -> tuple[str, str]:
+    shard, _, reason = line.partition(": ")
+    return shard, reason
 
 
 @dataclass(frozen=True)
@@ -170,44 +377,65 @@ class LoaderSettings:
     shuffle_buffer: int = 500
     oversample_tumour: float = 0.0
     seed: int = 0
-
-
-def _stage(fn, *args):
-    """A DataPipeline stage calling ``fn(stream, *args)`` (webdataset stages take the stream first)."""
-    return wds.pipelinefilter(fn)(*args)
+    on_bad_shard: str = "fail"
 
 
 def train_loader(source: ShardSource, context: int, settings: LoaderSettings, rank: int = 0,
-                 world: int = 1, start_step: int = 0) -> wds.WebLoader:
-    """An endless loader of training batches for one rank."""
-    urls = source.urls("train")
-    if not urls:
+                 world: int = 1, state: dict[str, Any] | None = None) -> TrainStream:
+    """An endless stream of training batches for one rank, from ``state`` (a
+    ``TrainStream.state()``) when resuming."""
+    shards = source.shards("train")
+    if not shards:
         raise ConfigError(f"{source.location}: the manifest lists no training shards")
-    pipeline = wds.DataPipeline(
-        functools.partial(deal_shards, urls, rank, world, settings.seed, start_step),
-        shard_samples,
-        _stage(training_samples, context, settings.oversample_tumour, settings.seed + start_step),
-        wds.shuffle(settings.shuffle_buffer, initial=min(settings.shuffle_buffer, 100),
-                    seed=settings.seed + 7919 * rank + start_step),
-        wds.batched(settings.batch_size, collation_fn=collate, partial=False),
-    )
-    return _loader(pipeline, settings.workers)
+    spec = StreamSpec(tuple(source.url(s["path"]) for s in shards), tuple(s["targets"] for s in shards),
+                      context, settings.batch_size, max(1, settings.shuffle_buffer),
+                      settings.oversample_tumour, settings.seed, rank, world, settings.workers,
+                      settings.on_bad_shard)
+    BadShards(settings.on_bad_shard)  # checks the policy name in the calling process
+    return TrainStream(spec, state)
+
+
+def split_shards(urls: list[str], rank: int, world: int) -> list[str]:
+    """One finite pass: this rank's share of the shards, split again across workers."""
+    worker, workers = worker_position()
+    return urls[rank::world][worker::workers]
+
+
+class ValBatches(torch.utils.data.IterableDataset):
+    """One finite pass over this worker's share of a split, in shard order (partial last
+    batch); a bad shard is handled by the policy, its error item raised by the caller."""
+
+    def __init__(self, urls: list[str], context: int, batch_size: int, rank: int, world: int, policy: str):
+        self.urls, self.context, self.batch_size = urls, context, batch_size
+        self.rank, self.world, self.policy = rank, world, policy
+
+    def __iter__(self):
+        bad = BadShards(self.policy)
+        batch: list[Item] = []
+        try:
+            for url in split_shards(self.urls, self.rank, self.world):
+                for item in bad.read(url, self.context):
+                    batch.append(item)
+                    if len(batch) == self.batch_size:
+                        yield collate(batch)
+                        batch = []
+        except ShardError as exc:
+            yield {"error": str(exc)}
+            return
+        if batch:
+            yield collate(batch)
 
 
 def val_loader(source: ShardSource, context: int, batch_size: int, rank: int = 0, world: int = 1,
-               workers: int = 1, split: str = "val") -> wds.WebLoader:
+               workers: int = 1, split: str = "val", on_bad_shard: str = "fail") -> Iterator:
     """One finite pass over this rank's share of ``split`` (no shuffling, partial last batch)."""
     urls = source.urls(split)
-    pipeline = wds.DataPipeline(
-        functools.partial(split_shards, urls, rank, world),
-        shard_samples,
-        _stage(training_samples, context, 0.0, 0),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
-    )
-    return _loader(pipeline, min(workers, max(1, len(urls[rank::world]))))
-
-
-def _loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
-                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                         prefetch_factor=4 if workers > 0 else None)
+    workers = min(workers, max(1, len(urls[rank::world])))
+    loader = torch.utils.data.DataLoader(
+        ValBatches(urls, context, batch_size, rank, world, on_bad_shard), batch_size=None,
+        num_workers=workers, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+    for item in loader:
+        if isinstance(item, dict):
+            raise ShardError(*_split_error(item["error"]))
+        yield item

@@ -397,7 +397,7 @@ def export_checkpoint(model: nn.Module, spec: ModelSpec, folder: Path,
     model = unwrap_model(model)
     config_text = json.dumps({"model": spec.to_dict(), **extra}, indent=2)
     _check_loadable(folder, config_text)
-    tensors = _tensors_for_safetensors(model.state_dict())
+    tensors = tensors_for_safetensors(model.state_dict())
     _check_spec_fits(spec, tensors)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -425,7 +425,7 @@ def _check_loadable(folder: Path, config_text: str) -> None:
         raise ValueError(f"refusing to write a checkpoint that would not load: {err}") from None
 
 
-def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors, each owning its storage.
 
     safetensors refuses tensors that share memory (tied weights, views); those get a copy,

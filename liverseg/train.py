@@ -11,18 +11,20 @@ import json
 import logging
 import math
 import os
-import re
+import pickle
+import shutil
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import load as accelerate_load  # torch.load with weights_only=True
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from shardgen.preprocess import Preprocessing
@@ -30,11 +32,11 @@ from shardgen.preprocess import Preprocessing
 from . import __version__
 from .augment import BatchAugment
 from .config import TrainConfig
-from .data import LoaderSettings, ShardSource, open_shards, train_loader, val_loader
+from .data import LoaderSettings, ShardSource, TrainStream, open_shards, train_loader, val_loader
 from .errors import LiversegError
 from .losses import DiceCELoss
 from .metrics import confusion_matrix, dice, liver_tumour_from_matrix
-from .models import ModelSpec, create_model, export_checkpoint, unwrap_model
+from .models import ModelSpec, create_model, export_checkpoint, tensors_for_safetensors, unwrap_model
 
 log = logging.getLogger(__name__)
 CLASS_NAMES = ("background", "liver", "tumour")
@@ -46,18 +48,25 @@ class TrainingDiverged(LiversegError):
 
 @dataclass
 class TrainState:
-    """What resuming needs beyond model/optimizer/scheduler (saved by Accelerate)."""
+    """What resuming needs beyond what Accelerate saves (model, optimizer, scheduler, RNGs):
+    kept as JSON, so reading a checkpoint never runs pickled code."""
 
     step: int = 0
     best_score: float = -1.0
+    best: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
 
-    def state_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    @classmethod
+    def from_dict(cls, data: Any, where: Path) -> "TrainState":
+        ok = (isinstance(data, dict) and set(data) == {f.name for f in fields(cls)}
+              and type(data["step"]) is int and data["step"] >= 0 and type(data["skipped_steps"]) is int
+              and isinstance(data["best_score"], (int, float)) and isinstance(data["best"], dict))
+        if not ok:
+            raise LiversegError(f"{where}: not a training state written by liverseg")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class TrainResult:
     run_dir: Path
     rank: int = 0
     world: int = 1
+    skipped_shards: int = 0
 
 
 def resolve_precision(precision: str) -> str:
@@ -92,15 +102,13 @@ def has_unused_parameters(model: torch.nn.Module, in_channels: int) -> bool:
 
 
 def make_accelerator(config: TrainConfig, find_unused: bool) -> Accelerator:
-    project = ProjectConfiguration(project_dir=str(config.run_dir), automatic_checkpoint_naming=True,
-                                   total_limit=config.keep_checkpoints)
     trackers = None if config.report_to == "none" else config.report_to
     # Without a GPU, say so: Accelerate then runs processes started by torchrun (or
     # `accelerate launch --multi_gpu`) as CPU DDP over gloo instead of independent copies.
     no_gpu = not torch.cuda.is_available()
     return Accelerator(cpu=no_gpu, mixed_precision=resolve_precision(config.precision),
                        gradient_accumulation_steps=config.grad_accum, log_with=trackers,
-                       project_config=project, step_scheduler_with_optimizer=False,
+                       project_dir=str(config.run_dir), step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
 
@@ -162,25 +170,125 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig) -> None:
     accelerator.init_trackers(config.project, config=flat, init_kwargs=init_kwargs)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    folders = [p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir()]
-    return max(folders, key=lambda p: int(p.name.split("_")[-1]), default=None)
+# --------------------------------------------------------------------------- resumable state
+# checkpoints/step-000020/ holds Accelerate's save_state (model.safetensors; optimizer,
+# scheduler and RNG states, which Accelerate reads back with torch.load(weights_only=True))
+# and ours: train_state.json, data_position_R.json and rank_state_R.safetensors per rank,
+# ema.safetensors. It is written as .step-000020.partial and renamed when complete, so a
+# kill during a save leaves no folder that resuming could mistake for a checkpoint.
+
+STATE_FILE = "train_state.json"
+PARTIAL = ".partial"
 
 
-def resume_if_asked(accelerator: Accelerator, config: TrainConfig) -> None:
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*")
+             if p.is_dir() and p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(loop: Loop, state: TrainState, stream: TrainStream) -> Path:
+    """Save everything a resumed run needs to continue exactly, then keep the newest
+    ``keep_checkpoints`` complete folders. Every rank calls this."""
+    acc, run_dir = loop.accelerator, loop.config.run_dir
+    final = checkpoint_dir(run_dir, state.step)
+    partial = final.with_name("." + final.name + PARTIAL)
+    if acc.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(partial))
+    rank = acc.process_index
+    write_json(partial / f"data_position_{rank}.json", stream.state())
+    save_file({"generator": loop.generator.get_state()}, str(partial / f"rank_state_{rank}.safetensors"))
+    if acc.is_main_process:
+        if loop.ema is not None:
+            save_file(tensors_for_safetensors(loop.ema.state_dict()), str(partial / "ema.safetensors"))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_json(partial / STATE_FILE, state.to_dict())  # last: its presence marks the folder complete
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved by an earlier run
+        os.replace(partial, final)
+        for old in complete_checkpoints(run_dir)[:-loop.config.keep_checkpoints]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LiversegError(f"{path}: missing from the checkpoint") from None
+    except (OSError, ValueError) as exc:
+        raise LiversegError(f"{path}: unreadable ({exc})") from None
+
+
+def checkpoint_to_resume(config: TrainConfig) -> Path | None:
     if config.resume is None:
+        return None
+    if config.resume != "auto":
+        path = Path(config.resume)
+        if not (path / STATE_FILE).is_file():
+            raise LiversegError(f"{path}: not a complete liverseg checkpoint folder (no {STATE_FILE})")
+        return path
+    found = complete_checkpoints(config.run_dir)
+    return found[-1] if found else None
+
+
+def resume(loop: Loop, path: Path) -> tuple[TrainState, dict[str, Any]]:
+    """Restore a checkpoint folder; returns the training state and this rank's data position."""
+    acc = loop.accelerator
+    state = TrainState.from_dict(read_json(path / STATE_FILE), path / STATE_FILE)
+    rank = acc.process_index
+    position = read_json(path / f"data_position_{rank}.json")
+    try:
+        # Accelerate ignores RNG states it cannot read; resuming exactly needs them
+        accelerate_load(path / f"random_states_{rank}.pkl")
+        acc.load_state(str(path))
+        generator = load_file(str(path / f"rank_state_{rank}.safetensors"))["generator"]
+        loop.generator.set_state(generator)
+        if loop.ema is not None:
+            loop.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        # torch.load(weights_only=True) refuses anything but tensors and plain containers
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LiversegError(f"{path}: cannot resume from this checkpoint ({reason[:300]})") from None
+    acc.print(f"resumed from {path}")
+    return state, position
+
+
+def forget_after(path: Path, step: int) -> None:
+    """Drop a log's lines past ``step`` (and a line a kill cut short): a resumed run logs
+    those steps again."""
+    if not path.exists():
         return
-    path = latest_checkpoint(config.run_dir) if config.resume == "auto" else Path(config.resume)
-    if path is None:
-        accelerator.print("no checkpoint to resume from: starting at step 0")
-        return
-    if not path.is_dir():
-        raise LiversegError(f"{path}: no such checkpoint folder to resume from")
-    accelerator.load_state(str(path))
-    number = re.search(r"(\d+)$", path.name)
-    if number:  # the next automatic save must not overwrite this one
-        accelerator.project_configuration.iteration = int(number.group(1)) + 1
-    accelerator.print(f"resumed from {path}")
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    kept = [line for line in path.read_text().splitlines(keepends=True) if step_of(line) <= step]
+    path.write_text("".join(kept))
+
+
+def clear_partial_saves(run_dir: Path) -> None:
+    for partial in (run_dir / "checkpoints").glob(".step-*" + PARTIAL):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def to_model_input(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
@@ -285,15 +393,16 @@ class Loop:
         return self.ema.module if self.ema is not None else self.net
 
 
-def train_step(loop: Loop, batches: Iterator) -> tuple[torch.Tensor, bool, float]:
+def train_step(loop: Loop, batches: TrainStream) -> tuple[torch.Tensor, bool, float, list[str]]:
     """One optimizer step over ``grad_accum`` micro-batches. Returns the last loss, whether
-    the step was applied, and the seconds spent waiting for data."""
+    the step was applied, the seconds spent waiting for data and the samples' keys."""
     acc, cfg = loop.accelerator, loop.config
-    waited, loss = 0.0, torch.zeros(())
+    waited, loss, keys = 0.0, torch.zeros(()), []
     for _ in range(cfg.grad_accum):
         start = time.perf_counter()
         images, masks = next(batches)
         waited += time.perf_counter() - start
+        keys += batches.last_keys
         x, y = to_model_input(images, masks, acc.device, cfg.channels_last)
         x, y = loop.augment(x, y, generator=loop.generator)
         with acc.accumulate(loop.model):
@@ -310,14 +419,14 @@ def train_step(loop: Loop, batches: Iterator) -> tuple[torch.Tensor, bool, float
         if loop.ema is not None:
             loop.ema.update_parameters(loop.net)
     loop.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), applied, waited
+    return loss.detach(), applied, waited, keys
 
 
 def build_loss(config: TrainConfig) -> torch.nn.Module:
     return DiceCELoss(classes=len(CLASS_NAMES), class_weights=config.class_weights)
 
 
-def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelSpec, TrainState]:
+def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelSpec]:
     source = open_shards(config.shards)
     preprocessing = Preprocessing.from_dict(source.manifest["preprocessing"])
     spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, len(CLASS_NAMES), config.attention,
@@ -335,51 +444,80 @@ def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelS
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
     net = unwrap_model(accelerator.unwrap_model(model))
     ema = None
     if config.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=ema_update(config.ema), use_buffers=True)
-        accelerator.register_for_checkpointing(ema)
     generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed(config.seed * 1000 + accelerator.process_index)
     loop = Loop(accelerator, model, optimizer, scheduler, build_loss(config).to(accelerator.device),
                 BatchAugment(config.augment), generator, config, net, ema)
-    return loop, source, preprocessing, spec, state
+    return loop, source, preprocessing, spec
 
 
 def validate(loop: Loop, source: ShardSource, preprocessing: Preprocessing, step: int
              ) -> tuple[dict[str, float], list[np.ndarray]]:
     acc, cfg = loop.accelerator, loop.config
     batches = val_loader(source, preprocessing.context, cfg.batch_size, acc.process_index,
-                         acc.num_processes, workers=min(cfg.workers, 2))
+                         acc.num_processes, workers=min(cfg.workers, 2), on_bad_shard=cfg.on_bad_shard)
     matrix, overlays = evaluate(loop.weights, batches, acc.device, cfg, acc)
     matrix = acc.reduce(matrix, reduction="sum")  # the one collective of a validation
     return scores(matrix), overlays
+
+
+def start(loop: Loop, source: ShardSource, preprocessing: Preprocessing) -> tuple[TrainState, TrainStream]:
+    """The state to start from (a checkpoint's when resuming) and the data stream positioned
+    at the sample that comes next."""
+    cfg, acc = loop.config, loop.accelerator
+    if acc.is_main_process:
+        clear_partial_saves(cfg.run_dir)
+    acc.wait_for_everyone()
+    path = checkpoint_to_resume(cfg)
+    state, position = TrainState(), None
+    if path is not None:
+        state, position = resume(loop, path)
+    elif cfg.resume is not None:
+        acc.print("no checkpoint to resume from: starting at step 0")
+    if acc.is_main_process:
+        for log_file in (cfg.run_dir / HISTORY, trace_path(cfg.run_dir, None)):
+            forget_after(log_file, state.step)
+    if acc.process_index != 0:
+        forget_after(trace_path(cfg.run_dir, acc.process_index), state.step)
+    settings = LoaderSettings(cfg.batch_size, cfg.workers, cfg.shuffle_buffer, cfg.oversample_tumour,
+                              cfg.seed, cfg.on_bad_shard)
+    stream = train_loader(source, preprocessing.context, settings, acc.process_index, acc.num_processes,
+                          state=position)
+    return state, stream
+
+
+HISTORY = "history.jsonl"
+
+
+def trace_path(run_dir: Path, rank: int | None) -> Path:
+    """samples.jsonl (rank 0) or samples-rank-R.jsonl: the sample keys of every step."""
+    return run_dir / ("samples.jsonl" if not rank else f"samples-rank-{rank}.jsonl")
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train, validating every ``val_every`` steps, saving resumable state every
     ``save_every`` steps, and exporting ``best/`` and ``last/`` checkpoints."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    loop, source, preprocessing, spec, state = setup(config)
+    loop, source, preprocessing, spec = setup(config)
     acc = loop.accelerator
-    resume_if_asked(acc, config)
-    start = state.step
-    loop.generator.manual_seed(config.seed * 1000 + acc.process_index + 7 * start)
+    state, batches = start(loop, source, preprocessing)
+    has_val = bool(source.shards("val"))
+    if not has_val:
+        acc.print(f"warning: {source.location} has no validation shards: validation is skipped "
+                  "and no best/ checkpoint is exported")
     start_trackers(acc, config)
-    settings = LoaderSettings(config.batch_size, config.workers, config.shuffle_buffer,
-                              config.oversample_tumour, config.seed)
-    batches = iter(train_loader(source, preprocessing.context, settings, acc.process_index,
-                                acc.num_processes, start_step=start))
-    history = History(acc, config.run_dir / "history.jsonl")
+    history = History(acc, config.run_dir / HISTORY)
+    trace = trace_path(config.run_dir, acc.process_index) if config.trace_samples else None
     metrics: dict[str, float] = {}
-    best: dict[str, float] = {}
-    in_a_row, waited, busy, last_logged = 0, 0.0, 0.0, start
-    bar = tqdm(total=config.steps, initial=start, disable=not acc.is_main_process, desc="training")
-    for step in range(start + 1, config.steps + 1):
+    in_a_row, waited, busy, last_logged = 0, 0.0, 0.0, state.step
+    bar = tqdm(total=config.steps, initial=state.step, disable=not acc.is_main_process, desc="training")
+    for step in range(state.step + 1, config.steps + 1):
         tick = time.perf_counter()
-        loss, applied, wait = train_step(loop, batches)
+        loss, applied, wait, keys = train_step(loop, batches)
         busy += time.perf_counter() - tick
         waited += wait
         in_a_row = 0 if applied else in_a_row + 1
@@ -389,24 +527,28 @@ def train(config: TrainConfig) -> TrainResult:
                                    f"(at step {step}); lower --lr, or use --precision bf16")
         state.step = step
         bar.update()
+        if trace is not None:
+            with open(trace, "a") as f:
+                f.write(json.dumps({"step": step, "keys": keys}) + "\n")
         if step % config.log_every == 0 or step == config.steps:
             samples = (step - last_logged) * config.batch_size * config.grad_accum * acc.num_processes
             history.log({"train/loss": float(loss), "train/lr": loop.scheduler.get_last_lr()[0],
                          "train/samples_per_s": samples / busy, "train/data_wait_fraction": waited / busy,
-                         "train/skipped_steps": state.skipped_steps}, step)
+                         "train/skipped_steps": state.skipped_steps,
+                         "train/skipped_shards": batches.skipped_shards}, step)
             bar.set_postfix(loss=f"{float(loss):.3f}")
             waited, busy, last_logged = 0.0, 0.0, step
-        if step % config.val_every == 0 or step == config.steps:
+        if has_val and (step % config.val_every == 0 or step == config.steps):
             metrics, overlays = validate(loop, source, preprocessing, step)
             history.log(metrics, step)
             log_overlays(acc, overlays, step)
             if metrics["val/dice_mean"] > state.best_score:
-                state.best_score, best = metrics["val/dice_mean"], {**metrics, "step": step}
+                state.best_score, state.best = metrics["val/dice_mean"], {**metrics, "step": step}
                 export(acc, loop.weights, config, spec, preprocessing, "best", step, metrics)
         if step % config.save_every == 0 or step == config.steps:
-            acc.save_state()
+            save_checkpoint(loop, state, batches)
     bar.close()
     export(acc, loop.weights, config, spec, preprocessing, "last", state.step, metrics)
     acc.end_training()
-    return TrainResult(state.step, best, metrics, state.skipped_steps, config.run_dir,
-                       acc.process_index, acc.num_processes)
+    return TrainResult(state.step, state.best, metrics, state.skipped_steps, config.run_dir,
+                       acc.process_index, acc.num_processes, batches.skipped_shards)

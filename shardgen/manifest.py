@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,23 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
     if data.get("format_version") != FORMAT_VERSION:
         raise ShardgenError(f"{where}: format version {data.get('format_version')} is not "
                             f"supported (this shardgen reads version {FORMAT_VERSION})")
+    shards = data.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise ShardgenError(f"{where}: \"shards\" must be a list of shard entries")
+    for shard in shards:
+        check_shard_path(shard.get("path"), where)
     return data
+
+
+SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def check_shard_path(path: Any, where: str) -> None:
+    """A shard path must stay inside the shard folder and be harmless in a shell command:
+    relative, '/'-separated parts of letters, digits, '_', '.', '-' (none starting with '.')."""
+    if not isinstance(path, str) or not path or not all(SAFE_PART.match(p) for p in path.split("/")):
+        raise ShardgenError(f"{where}: refused shard path {path!r} (only relative paths of letters, "
+                            "digits, '_', '.', '-' that stay inside the shard folder)")
 
 
 def manifest_preprocessing(manifest: dict[str, Any]) -> Preprocessing:

@@ -61,7 +61,7 @@ def test_resume_continues_the_step_count_and_the_schedule(shards, tmp_path):
     logged = [h for h in history(tmp_path) if "train/lr" in h]
     assert result.step == 4 and [h["step"] for h in logged] == [1, 2, 3, 4]
     assert logged[-1]["train/lr"] == pytest.approx(config.lr * lr_lambda(config)(4))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
 @pytest.mark.timeout(400)
@@ -168,9 +168,9 @@ def test_ema_weights_are_validated_exported_and_resumed(shards, tmp_path):
     train(tiny(shards, tmp_path, steps=2, save_every=2, val_every=2, ema=0.9))
     result = train(tiny(shards, tmp_path, steps=4, save_every=2, val_every=2, ema=0.9, resume="auto"))
     assert result.step == 4
-    checkpoint = tmp_path / "checkpoints" / "checkpoint_1"
+    checkpoint = tmp_path / "checkpoints" / "step-000004"
     raw = load_file(checkpoint / "model.safetensors")
-    average = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    average = load_file(checkpoint / "ema.safetensors")
     assert int(average["n_averaged"]) == 4, "the average must carry on across the resume"
     exported, _ = load_checkpoint(tmp_path / "last")
     exported = exported.state_dict()
