@@ -17,6 +17,14 @@ from .errors import ShardgenError
 from .orientation import CANONICAL_AXCODES
 
 
+MAX_SIZE = 4096
+MAX_CONTEXT = 16
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a CT volume becomes network input.
@@ -34,15 +42,21 @@ class Preprocessing:
     orientation: str = "".join(CANONICAL_AXCODES)
 
     def __post_init__(self) -> None:
-        lo, hi = self.window
+        # the settings also arrive from manifest.json and checkpoints' config.json: untrusted
+        window = self.window
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(_is_number(v) and abs(v) <= 1e5 for v in window)):
+            raise ShardgenError(f"window: the HU window must be two finite numbers LOW,HIGH, got {window!r}")
+        lo, hi = window
         if not hi > lo:
-            raise ShardgenError(f"HU window must have high > low, got {self.window}")
-        if self.size < 8:
-            raise ShardgenError(f"size must be at least 8 pixels, got {self.size}")
-        if self.context < 0:
-            raise ShardgenError(f"context must be >= 0, got {self.context}")
+            raise ShardgenError(f"window: the HU window must have high > low, got {window}")
+        if type(self.size) is not int or not 8 <= self.size <= MAX_SIZE:
+            raise ShardgenError(f"size: must be a whole number of pixels in 8..{MAX_SIZE} (at least 8), "
+                                f"got {self.size!r}")
+        if type(self.context) is not int or not 0 <= self.context <= MAX_CONTEXT:
+            raise ShardgenError(f"context: must be a whole number in 0..{MAX_CONTEXT}, got {self.context!r}")
         if self.orientation != "".join(CANONICAL_AXCODES):
-            raise ShardgenError(f"unsupported orientation rule {self.orientation!r}")
+            raise ShardgenError(f"orientation: unsupported rule {self.orientation!r}")
         object.__setattr__(self, "window", (float(lo), float(hi)))
 
     @property
@@ -54,14 +68,13 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        if not isinstance(data, dict):
+            raise ShardgenError(f"preprocessing settings must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ShardgenError(f"unknown preprocessing settings {sorted(unknown)}")
-        kwargs = dict(data)
-        if "window" in kwargs:
-            kwargs["window"] = tuple(kwargs["window"])
-        return cls(**kwargs)
+        return cls(**data)
 
     def fingerprint(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -76,9 +76,14 @@ def test_settings_round_trip_and_fingerprint():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"window": (400, -100)}, "high > low"),
-    ({"size": 4}, "at least 8"),
-    ({"context": -1}, ">= 0"),
+    ({"window": (400, -100)}, "window: .*high > low"),
+    ({"window": (float("nan"), 400)}, "window: .*two finite numbers"),
+    ({"window": (True, 400)}, "window: .*two finite numbers"),
+    ({"size": 4}, "size: .*at least 8"),
+    ({"size": 10**6}, r"size: .*8\.\.4096"),
+    ({"size": 64.0}, "size: .*whole number"),
+    ({"context": -1}, r"context: .*0\.\.16"),
+    ({"context": True}, "context: .*whole number"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ShardgenError, match=message):
@@ -88,6 +93,8 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_unknown_setting_is_refused():
     with pytest.raises(ShardgenError, match="unknown preprocessing"):
         Preprocessing.from_dict({"size": 64, "spacing": 1.0})
+    with pytest.raises(ShardgenError, match="must be a mapping"):
+        Preprocessing.from_dict([64])
 
 
 def test_window_scaled_is_float_in_range():

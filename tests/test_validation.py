@@ -152,7 +152,7 @@ def test_cli_reports_one_line_per_bad_case_and_fails_unless_skip_bad(tmp_path):
 @pytest.mark.parametrize("name, args, message", [
     ("missing input folder", ["--input", "nowhere"], "Error: nowhere: input folder not found"),
     ("empty input folder", ["--input", "."], "Error: no cases found under ."),
-    ("bad window", ["--input", ".", "--window", "400,-100"], "Error: HU window must have high > low"),
+    ("bad window", ["--input", ".", "--window", "400,-100"], "Error: window: the HU window must have high > low"),
     ("bad split fractions", ["--input", ".", "--split-fractions", "0.5,0.1"], "expected TRAIN,VAL,TEST"),
     ("node rank out of range", ["--input", ".", "--num-nodes", "2", "--node-rank", "2"], "Error: --node-rank must be in [0, 2)"),
 ])
