@@ -160,6 +160,8 @@ def joined_records(parts: list[tuple[Path, dict[str, Any]]], out: Path) -> list[
     records = [{**shard, **part["cases"][shard["case"]],
                 "shard": os.path.relpath(path.parent / shard["path"], out.parent)}
                for path, part in parts for shard in part["shards"]]
+    for record in records:  # readers refuse paths that leave the folder: refuse them here already
+        check_shard_path(record["shard"], f"{out} (merging shards outside its folder)")
     duplicates = [case for case, n in Counter(r["case"] for r in records).items() if n > 1]
     if duplicates:
         raise ShardgenError(f"case(s) {sorted(duplicates)[:5]} appear in more than one manifest")

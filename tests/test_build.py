@@ -17,6 +17,7 @@ import webdataset as wds
 
 from conftest import write_blob_case
 from shardgen.build import BuildConfig, build_shards
+from shardgen.errors import ShardgenError
 from shardgen.format import decode_sample, stack_stream
 from shardgen.manifest import merge_manifests, read_manifest
 from shardgen.orientation import to_canonical
@@ -123,6 +124,14 @@ def test_nodes_partition_cases_and_merge_equals_a_single_build(phantom_dir, tmp_
     assert merged["shards"] == single["shards"] and merged["totals"] == single["totals"]
     assert read_manifest(tmp_path / "multi") == merged
     assert tars(tmp_path / "multi") == tars(tmp_path / "single")
+
+
+def test_merge_refuses_shards_outside_the_merged_manifests_folder(phantom_dir, tmp_path):
+    common = dict(inputs=(phantom_dir,), preprocessing=Preprocessing(size=32), num_nodes=2)
+    parts = [build_shards(BuildConfig(out=tmp_path / f"node{r}", node_rank=r, **common)) for r in (0, 1)]
+    with pytest.raises(ShardgenError, match="refused shard path '../node0/"):
+        merge_manifests([p.manifest_path for p in parts], tmp_path / "node1" / "manifest.json")
+    assert not (tmp_path / "node1" / "manifest.json").exists()
 
 
 def test_rerun_reuses_finished_shards(phantom_dir, tmp_path):
