@@ -56,8 +56,9 @@ def main(config_file, **flags) -> None:
     except OSError as exc:  # an --out that is a file, a full disk: the path and the reason
         raise click.ClickException(os_error_line(exc)) from None
     # every rank reports, so a multi-process run shows that all ranks ended at the same step
+    skipped = f"; skipped {result.skipped_shards} bad shard(s)" if result.skipped_shards else ""
     print(f"rank {result.rank}/{result.world} finished at step {result.step}; "
-          f"best {result.best or '-'}; run folder {result.run_dir}", flush=True)
+          f"best {result.best or '-'}; run folder {result.run_dir}{skipped}", flush=True)
 
 
 if __name__ == "__main__":

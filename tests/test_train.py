@@ -201,3 +201,14 @@ def test_train_help_and_config_checks_need_no_torch():
             "print('TORCH', 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--config" in done.stdout and "TORCH False" in done.stdout, done.stdout + done.stderr
+
+
+def test_without_validation_shards_training_warns_and_exports_no_best(phantom_dir, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    build_shards(BuildConfig(inputs=(phantom_dir,), out=shards, preprocessing=Preprocessing(size=64),
+                             fractions=(1.0, 0.0, 0.0)))
+    result = train(tiny(shards, tmp_path / "run", steps=1, val_every=1, save_every=1))
+    assert "has no validation shards: validation is skipped" in capsys.readouterr().out
+    assert result.best == {} and result.last_metrics == {}
+    assert (tmp_path / "run" / "last").is_dir() and not (tmp_path / "run" / "best").exists()
+    assert not [h for h in history(tmp_path / "run") if "val/dice_mean" in h]
