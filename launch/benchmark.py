@@ -662,27 +662,17 @@ def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) ->
 # --------------------------------------------------------------------------- ceiling
 
 def lesion_table(label: np.ndarray, image: np.ndarray, spacing) -> list[tuple[int, float, float]]:
-    """Each reference lesion (26-connected tumour component) of a case as (voxels, volume in
-    cm³, contrast in HU): the lesion's median HU minus the median HU of the liver (label 1)
-    2-10 mm around it (of the whole liver when nothing lies there)."""
-    import cc3d
-    from scipy import ndimage
+    """Each reference lesion of a case as (voxels, volume in cm³, contrast in HU), measured by
+    shardgen.stats.measure_lesions (the one implementation, also behind `liverseg-shards
+    stats`): 6-connected components of label 2, as LiTS counts them; contrast the lesion's
+    median HU minus the median HU of the liver (label 1) 2-10 mm around it (of the whole
+    liver when nothing lies there; NaN without liver)."""
+    from shardgen.stats import measure_lesions
 
-    components = cc3d.connected_components(label == 2, connectivity=26)
-    liver = label == 1
     voxel = float(np.prod(spacing)) / 1000.0
-    reach = [int(np.ceil(10.0 / s)) + 1 for s in spacing]
-    lesions = []
-    for i, box in enumerate(ndimage.find_objects(components), 1):
-        box = tuple(slice(max(b.start - r, 0), b.stop + r) for b, r in zip(box, reach))
-        mask = components[box] == i
-        distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
-        around = liver[box] & (distance > 2.0) & (distance < 10.0)
-        background = image[box][around] if around.any() else image[liver]
-        contrast = float(np.median(image[box][mask]) - np.median(background)) if background.size else math.nan
-        count = int(mask.sum())
-        lesions.append((count, count * voxel, contrast))
-    return lesions
+    return [(lesion.voxels, lesion.voxels * voxel,
+             math.nan if lesion.contrast_hu is None else lesion.contrast_hu)
+            for lesion in measure_lesions(label, image, spacing)]
 
 
 def oracle_dice(lesions: list[tuple[int, float, float]], min_cm3: float, min_hu: float) -> float:
@@ -724,7 +714,7 @@ def ceiling(data: Path, split: str, volumes: str, contrasts: str) -> None:
             case = load_case(source.image, source.label)
         except ShardgenError as exc:
             raise click.ClickException(str(exc)) from None
-        lesions = lesion_table(case.label, case.image.astype(np.float32), case.spacing)
+        lesions = lesion_table(case.label, case.image, case.spacing)
         for v, c in scores:
             scores[v, c].append(oracle_dice(lesions, v, c))
         print(f"{source.case}: " + (", ".join(f"{v:.1f} cm³ {c:+.0f} HU" for _, v, c in lesions) or "no lesion"))

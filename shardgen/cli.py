@@ -213,5 +213,29 @@ def report_shard(problem: ShardError | None, bar: tqdm) -> None:
     bar.update()
 
 
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the summary and every case's numbers to this JSON file.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
+@friendly_errors
+def stats(folder: Path, json_path: Path | None, workers: int) -> None:
+    """Lesion and image statistics of a LiTS / MSD folder (phantoms or real data): lesions
+    per case, sizes, contrast to the liver around them, heterogeneity, liver coverage in z,
+    liver noise, spacings. Definitions: shardgen/stats.py. Unreadable cases are skipped
+    with a one-line reason."""
+    from .stats import format_table, measure_folder, summarise, write_json
+
+    with tqdm(desc="cases", unit="case") as bar:
+        cases, skipped = measure_folder(folder, workers,
+                                        on_plan=lambda n: setattr(bar, "total", n) or bar.refresh(),
+                                        on_result=lambda r: report_case(r, bar))
+    summary = summarise(cases, skipped=len(skipped))
+    click.echo(format_table(summary))
+    if json_path is not None:
+        write_json(json_path, summary, cases, skipped)
+        click.echo(f"wrote {json_path}")
+
+
 if __name__ == "__main__":
     main()
