@@ -7,7 +7,7 @@
 #   bash launch/demo.sh [--out DIR] [--cases N] [--quick] [--device auto|cpu|cuda]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. launch/python.sh
 case "${1:-}" in
   -h|--help) sed -n '2,7p' "$0"; exec "$PY" launch/demo.py --help 2>/dev/null || exit 0 ;;
 esac

@@ -3,7 +3,7 @@
 # test suite (CPU only, tiny sizes). Extra arguments go to pytest, e.g. `-k build -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. launch/python.sh
 echo "==> installing liverseg and test tools into $("$PY" -c 'import sys; print(sys.prefix)')"
 "$PY" -m pip install --quiet --disable-pip-version-check --progress-bar off -e ".[dev]"
 echo "==> running the tests"

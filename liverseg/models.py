@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import inspect
 import json
-import math
 import os
 import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence

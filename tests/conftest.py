@@ -53,3 +53,16 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, 6, seed=3, size=64, slices=(10, 16))
     return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(phantom_dir, tmp_path_factory) -> Path:
+    """64 px shards of the six phantoms, half training and half validation cases, shared by
+    the training tests (built once per run)."""
+    from shardgen.build import BuildConfig, build_shards
+    from shardgen.preprocess import Preprocessing
+
+    out = tmp_path_factory.mktemp("train-shards")
+    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
+                             fractions=(0.5, 0.5, 0.0)))
+    return out

@@ -20,8 +20,6 @@ from safetensors.torch import load_file
 from liverseg.config import TrainConfig
 from liverseg.errors import LiversegError
 from liverseg.train import complete_checkpoints, train
-from shardgen.build import BuildConfig, build_shards
-from shardgen.preprocess import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 9
@@ -65,11 +63,8 @@ runpy.run_path(SCRIPT, run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume-shards")
-    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
-                             fractions=(0.5, 0.5, 0.0)))
-    return out
+def shards(train_shards):
+    return train_shards
 
 
 def flags(shards: Path, out: Path, **changes) -> list[str]:

@@ -23,11 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-shards")
-    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
-                             fractions=(0.5, 0.5, 0.0)))
-    return out
+def shards(train_shards):
+    return train_shards
 
 
 def tiny(shards, out, **changes) -> TrainConfig:
