@@ -83,7 +83,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ShardgenError(f"{path}: cannot read manifest ({exc.strerror})") from None
+        hint = ("; shards and their manifest are made by `liverseg-shards build --input DATA --out DIR`"
+                if isinstance(exc, FileNotFoundError) else "")
+        raise ShardgenError(f"{path}: cannot read manifest ({exc.strerror}){hint}") from None
     return parse_manifest(text, str(path))
 
 

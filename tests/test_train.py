@@ -128,7 +128,7 @@ def test_cli_reports_a_missing_shard_folder_in_one_line(tmp_path):
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "cannot read manifest" in done.stderr
+    assert "cannot read manifest" in done.stderr and "liverseg-shards build --input" in done.stderr
 
 
 def test_cli_reports_an_out_that_is_a_file_in_one_line(shards, tmp_path):
