@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import shutil
@@ -23,6 +22,7 @@ import click
 import numpy as np
 from isal import igzip
 
+from liverseg.oracle import lesion_table, oracle_dice  # the ceiling's oracle, also used by liverseg-eval run
 from shardgen.build import BuildConfig, Selection, build_shards
 from shardgen.nifti import read_volume
 from shardgen.phantom import write_phantoms
@@ -498,8 +498,8 @@ def independent_detection(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
     """LiTS lesion detection with scipy labels and a plain union-find over overlapping pairs."""
     from scipy import ndimage as ndi
 
-    cube = np.ones((3, 3, 3), bool)
-    (ref_lab, n_ref), (pred_lab, n_pred) = ndi.label(ref, structure=cube), ndi.label(pred, structure=cube)
+    # scipy's default structure: 6-connected lesions, as LiTS (and liverseg.lits) count them
+    (ref_lab, n_ref), (pred_lab, n_pred) = ndi.label(ref), ndi.label(pred)
     ref_size, pred_size = np.bincount(ref_lab.ravel()), np.bincount(pred_lab.ravel())
     both = (ref_lab > 0) & (pred_lab > 0)
     pairs, inter = np.unique(np.stack([ref_lab[both], pred_lab[both]]), axis=1, return_counts=True)
@@ -661,29 +661,6 @@ def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) ->
 
 # --------------------------------------------------------------------------- ceiling
 
-def lesion_table(label: np.ndarray, image: np.ndarray, spacing) -> list[tuple[int, float, float]]:
-    """Each reference lesion of a case as (voxels, volume in cm³, contrast in HU), measured by
-    shardgen.stats.measure_lesions (the one implementation, also behind `liverseg-shards
-    stats`): 6-connected components of label 2, as LiTS counts them; contrast the lesion's
-    median HU minus the median HU of the liver (label 1) 2-10 mm around it (of the whole
-    liver when nothing lies there; NaN without liver)."""
-    from shardgen.stats import measure_lesions
-
-    voxel = float(np.prod(spacing)) / 1000.0
-    return [(lesion.voxels, lesion.voxels * voxel,
-             math.nan if lesion.contrast_hu is None else lesion.contrast_hu)
-            for lesion in measure_lesions(label, image, spacing)]
-
-
-def oracle_dice(lesions: list[tuple[int, float, float]], min_cm3: float, min_hu: float) -> float:
-    """Tumour Dice of a case (LiTS rule: 1 when both are empty) for a prediction that is
-    exactly the reference lesions of at least ``min_cm3`` and ``|contrast| >= min_hu``: the
-    lesions are disjoint parts of the reference, so the voxel counts decide it."""
-    found = sum(n for n, volume, contrast in lesions if volume >= min_cm3 and abs(contrast) >= min_hu)
-    total = found + sum(n for n, _, _ in lesions)
-    return 1.0 if total == 0 else 2.0 * found / total
-
-
 @main.command()
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--split", default="test", show_default=True, help="Split of a shard manifest (ignored for a folder).")
@@ -695,7 +672,8 @@ def ceiling(data: Path, split: str, volumes: str, contrasts: str) -> None:
     """What the per-case tumour Dice of a set of cases allows: the mean an oracle would
     score that segments exactly every reference lesion of at least MIN_CM3 whose median HU
     differs from the liver around it by at least MIN_HU, and nothing else. DATA is a LiTS /
-    MSD folder or a shard manifest (its cases are read from their source files)."""
+    MSD folder or a shard manifest (its cases are read from their source files). The oracle
+    is liverseg.oracle's, the one `liverseg-eval run` reports at its default thresholds."""
     from liverseg.errors import LiversegError
     from liverseg.evaluate import find_cases
     from shardgen.errors import ShardgenError
@@ -723,6 +701,7 @@ def ceiling(data: Path, split: str, volumes: str, contrasts: str) -> None:
     print("min cm³ \\ min HU " + "".join(f"{c:>8g}" for c in columns))
     for v in rows:
         print(f"{v:>17g} " + "".join(f"{np.mean(scores[v, c]):8.3f}" for c in columns))
+
 
 if __name__ == "__main__":
     sys.exit(main())

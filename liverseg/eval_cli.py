@@ -125,7 +125,10 @@ def tune(**options) -> None:
 
 
 def print_table(summary: dict) -> None:
-    """Per class and variant: mean Dice, IoU, precision, recall and ASSD over cases."""
+    """Per class and variant: mean Dice, IoU, precision, recall and ASSD over cases; then
+    the lesion scorecard, one column per variant."""
+    from .report import scorecard_rows  # matplotlib: not for --help
+
     metrics = ("dice", "iou", "precision", "recall", "assd")
     click.echo(f"{'class':<7} {'variant':<24}" + "".join(f"{m:>10}" for m in metrics))
     for cls in ("liver", "tumour"):
@@ -133,6 +136,13 @@ def print_table(summary: dict) -> None:
             values = [scores[cls][m]["mean"] for m in metrics]
             cells = "".join(f"{v:>10.3f}" if v == v else f"{'–':>10}" for v in values)
             click.echo(f"{cls:<7} {variant:<24}{cells}")
+    cards = {variant: scorecard_rows(scores) for variant, scores in summary["variants"].items()}
+    width = {v: max(len(v), *(len(text) for _, text in rows)) + 2 for v, rows in cards.items()}
+    names = [name for name, _ in next(iter(cards.values()), [])]
+    label = max((len(n) for n in names), default=0) + 1
+    click.echo(f"\n{'lesion scorecard':<{label}}" + "".join(f"{v:>{width[v]}}" for v in cards))
+    for i, name in enumerate(names):
+        click.echo(f"{name:<{label}}" + "".join(f"{rows[i][1]:>{width[v]}}" for v, rows in cards.items()))
 
 
 def finish(result) -> None:

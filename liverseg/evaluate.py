@@ -26,7 +26,7 @@ from shardgen.errors import InvalidCase, ShardgenError
 from shardgen.manifest import read_manifest, write_json_atomic
 from shardgen.nifti import load_case, load_image
 
-from . import __version__, lits, report
+from . import __version__, lits, oracle, report
 from .errors import ConfigError
 from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name, tta_note,
                         write_labels)
@@ -72,6 +72,7 @@ class CaseResult:
     seconds: dict[str, float] = field(default_factory=dict)
     panel: dict | None = None  # the slice with the most liver, for best/median/worst panels
     tumour_panel: dict | None = None  # the slice with the most tumour
+    oracle_dice: float = math.nan  # tumour Dice of the visible-lesion oracle (liverseg.oracle)
     prediction: str = ""
     error: str = ""
 
@@ -178,6 +179,9 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
         tick = time.perf_counter()
         result.scores = {name: lits.score_case(labels, truth, spacing) for name, labels in variants.items()}
         result.seconds["metrics"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        result.oracle_dice = oracle.case_oracle_dice(truth, image, spacing)  # the image loaded above
+        result.seconds["oracle"] = time.perf_counter() - tick
         result.panel, result.tumour_panel = choose_panels(image, truth, final, members[0].preprocessing.window)
     result.seconds["total"] = time.perf_counter() - start
     return result
@@ -316,8 +320,10 @@ def metric_rows(results: list[CaseResult], members: list[Member]) -> list[dict]:
 
 def build_summary(results: list[CaseResult], failed: list[dict], members: list[Member],
                   config: EvalConfig, postprocess: Postprocess) -> dict:
-    variants = {v: lits.aggregate([r.scores[v] for r in results]) for v in variants_of(members)}
+    oracle_dice = [r.oracle_dice for r in results]
+    variants = {v: lits.aggregate([r.scores[v] for r in results], oracle_dice) for v in variants_of(members)}
     return {"variants": variants, "cases": len(results), "failed": failed,
+            "oracle": {"min_cm3": oracle.VISIBLE_MIN_CM3, "min_hu": oracle.VISIBLE_MIN_HU},
             "timings": timings(results), "config": config.to_dict(),
             "checkpoints": {m.name: str(m.path) for m in members},
             "postprocess_steps": postprocess.to_dict()["steps"],
@@ -354,8 +360,9 @@ def write_outputs(results: list[CaseResult], failed: list[dict], members: list[M
     summary = build_summary(results, failed, members, config, postprocess)
     report.write_csv(rows, out / "metrics.csv")
     write_json(out / "summary.json", summary)
-    write_json(out / "cases.json", {r.case: {"scores": r.scores, "seconds": r.seconds,
-                                             "prediction": r.prediction} for r in results})
+    write_json(out / "cases.json", {r.case: {"scores": r.scores, "oracle_dice": r.oracle_dice,
+                                             "seconds": r.seconds, "prediction": r.prediction}
+                                    for r in results})
     charts = report.write_charts(rows, summary, out / "charts")
     panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{slug(p['title'])}.png")
               for i, p in enumerate(pick_panels(results))]

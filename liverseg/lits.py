@@ -20,8 +20,9 @@ from scipy.spatial import cKDTree
 METRICS = ("dice", "iou", "accuracy", "precision", "recall", "voe", "rvd", "assd", "mssd", "hd95")
 COUNTS = ("tp", "fp", "fn", "tn", "pred_voxels", "ref_voxels")
 LIVER, TUMOUR = 1, 2
-SIZE_BINS = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, 40.0, "20-40 mm"),
-             (40.0, math.inf, ">=40 mm"))
+LESION_CONNECTIVITY = 6  # LiTS counts lesions as 6-connected components (scipy.ndimage.label's default)
+# by equivalent-sphere diameter (issue #17): below RECIST's 10 mm measurable size, up to 2 cm, larger
+SIZE_BINS = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, math.inf, ">=20 mm"))
 NAN = float("nan")
 
 Box = tuple[slice, slice, slice]
@@ -247,7 +248,7 @@ def binary_scores(pred: np.ndarray, ref: np.ndarray, spacing) -> dict[str, float
 # --------------------------------------------------------------------------- lesions
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    labels, n = cc3d.connected_components(mask, connectivity=LESION_CONNECTIVITY, return_N=True)
     return labels, int(n)
 
 
@@ -270,16 +271,18 @@ def _lesion_groups(ref_lab: np.ndarray, n_ref: int, pred_lab: np.ndarray, n_pred
 
 def lesion_detection(pred_tumour: np.ndarray, ref_tumour: np.ndarray, spacing) -> dict:
     """LiTS lesion detection: {"tp": int, "fp": int, "fn": int, "lesions": [{"volume_mm3":
-    float, "detected": bool, "dice": float | None}, ...], "pred_lesions": int, "ref_lesions": int}.
+    float, "detected": bool, "touched": bool, "dice": float | None}, ...], "pred_lesions": int,
+    "ref_lesions": int}.
 
-    Lesions are 26-connected components. Reference and predicted components that share a
-    voxel are linked; each connected group of links is one merged reference lesion (the
-    union of its reference components) against one merged prediction (the union of its
-    predicted components). A group with reference voxels is a TP when the IoU of the two
-    unions is > 0.5, else a FN, and then its prediction (if any) counts as ONE FP; a group
-    of prediction only is a FP. ``lesions`` has one entry per merged reference lesion, with
-    the Dice of the two unions when detected; pred_lesions and ref_lesions count the
-    components before merging.
+    Lesions are 6-connected components (LESION_CONNECTIVITY). Reference and predicted
+    components that share a voxel are linked; each connected group of links is one merged
+    reference lesion (the union of its reference components) against one merged prediction
+    (the union of its predicted components). A group with reference voxels is a TP when the
+    IoU of the two unions is > 0.5, else a FN, and then its prediction (if any) counts as ONE
+    FP; a group of prediction only is a FP. ``lesions`` has one entry per merged reference
+    lesion, with the Dice of the two unions when detected; it is "touched" (found at any
+    overlap) when its prediction is not empty, i.e. a predicted voxel lies on it.
+    pred_lesions and ref_lesions count the components before merging.
     """
     pred, ref = _check_masks(pred_tumour, ref_tumour)
     box = union_box(bounding_box(pred), bounding_box(ref))
@@ -303,6 +306,7 @@ def lesion_detection(pred_tumour: np.ndarray, ref_tumour: np.ndarray, spacing) -
         tp += detected
         fp += (not detected) and pred_vox[g] > 0
         lesions.append({"volume_mm3": float(ref_vox[g]) * voxel_mm3, "detected": detected,
+                        "touched": bool(inter[g] > 0),
                         "dice": float(2 * inter[g] / (ref_vox[g] + pred_vox[g])) if detected else None})
     return {"tp": tp, "fp": int(fp), "fn": len(lesions) - tp, "lesions": lesions,
             "pred_lesions": n_pred, "ref_lesions": n_ref}
@@ -359,18 +363,42 @@ def equivalent_diameter(volume_mm3: float) -> float:
     return (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
 
 
+def _size_bins(lesions: list[dict]) -> list[dict]:
+    """Per SIZE_BINS: reference lesions, found at IoU > 0.5 ("detected", "recall") and found
+    at any overlap ("touched", "recall_any")."""
+    out = []
+    for lo, hi, name in SIZE_BINS:
+        inside = [lesion for lesion in lesions if lo <= equivalent_diameter(lesion["volume_mm3"]) < hi]
+        found = sum(lesion["detected"] for lesion in inside)
+        touched = sum(lesion["touched"] for lesion in inside)
+        out.append({"bin": name, "lesions": len(inside), "detected": found, "recall": _ratio(found, len(inside)),
+                    "touched": touched, "recall_any": _ratio(touched, len(inside))})
+    return out
+
+
+def _tumour_free(detections: list[dict]) -> dict:
+    """Cases without reference tumour, and those of them whose prediction has no tumour."""
+    free = [d for d in detections if d["ref_lesions"] == 0]
+    clean = sum(d["pred_lesions"] == 0 for d in free)
+    return {"cases": len(free), "without_false_lesion": clean, "fraction": _ratio(clean, len(free))}
+
+
 def _detection_summary(detections: list[dict]) -> dict:
     tp, fp, fn = (sum(d[k] for d in detections) for k in ("tp", "fp", "fn"))
     lesions = [lesion for d in detections for lesion in d["lesions"]]
     dices = [lesion["dice"] for lesion in lesions if lesion["detected"]]
-    by_size = []
-    for lo, hi, name in SIZE_BINS:
-        inside = [lesion for lesion in lesions if lo <= equivalent_diameter(lesion["volume_mm3"]) < hi]
-        found = sum(lesion["detected"] for lesion in inside)
-        by_size.append({"bin": name, "lesions": len(inside), "detected": found,
-                        "recall": _ratio(found, len(inside))})
+    touched = sum(lesion["touched"] for lesion in lesions)
     return {"tp": tp, "fp": fp, "fn": fn, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
-            "lesion_dice_mean": float(np.mean(dices)) if dices else NAN, "by_size": by_size}
+            "touched": touched, "recall_any": _ratio(touched, len(lesions)),
+            "lesion_dice_mean": float(np.mean(dices)) if dices else NAN, "by_size": _size_bins(lesions),
+            "tumour_free": _tumour_free(detections)}
+
+
+def _oracle_summary(tumour_dice_mean: float, oracle_dice: Sequence[float]) -> dict:
+    """Mean per-case tumour Dice against the mean per-case Dice of the visible-lesion oracle."""
+    oracle = _stats(oracle_dice)["mean"]
+    return {"cases": len(oracle_dice), "dice_mean": oracle, "tumour_dice_mean": tumour_dice_mean,
+            "fraction": tumour_dice_mean / oracle if oracle > 0 else NAN}
 
 
 def _burden_summary(burdens: list[dict]) -> dict:
@@ -381,13 +409,23 @@ def _burden_summary(burdens: list[dict]) -> dict:
     return {"rmse": float(np.sqrt(np.mean(err ** 2))), "max": float(np.abs(err).max())}
 
 
-def aggregate(cases: list[dict]) -> dict:
+def aggregate(cases: list[dict], oracle_dice: Sequence[float] | None = None) -> dict:
     """Dataset summary of score_case results: per class dice_global = 2Σtp / Σ(|pred|+|ref|)
     (1 when every case is empty in both) and mean/std/median/min/max of each metric over
     cases (NaN skipped; all NaN → NaN); lesion detection tp/fp/fn, precision and recall
-    summed over the dataset, mean Dice of detected lesions and recall by equivalent-sphere
-    diameter (<10, 10-20, 20-40, >=40 mm); tumour burden error as RMSE and max |error|."""
-    return {"liver": _class_summary([c["liver"] for c in cases]),
-            "tumour": _class_summary([c["tumour"] for c in cases]),
-            "detection": _detection_summary([c["lesions"] for c in cases]),
-            "burden": _burden_summary([c["burden"] for c in cases])}
+    (IoU > 0.5) and lesions touched (any overlap) summed over the dataset, mean Dice of
+    detected lesions, both recalls by equivalent-sphere diameter (SIZE_BINS), and the
+    tumour-free cases without a predicted tumour; tumour burden error as RMSE and max |error|.
+
+    With ``oracle_dice`` (each case's visible-lesion oracle Dice, liverseg.oracle, in the
+    order of ``cases``), "oracle" has its mean and the mean per-case tumour Dice as a
+    fraction of it."""
+    summary = {"liver": _class_summary([c["liver"] for c in cases]),
+               "tumour": _class_summary([c["tumour"] for c in cases]),
+               "detection": _detection_summary([c["lesions"] for c in cases]),
+               "burden": _burden_summary([c["burden"] for c in cases])}
+    if oracle_dice is not None:
+        if len(oracle_dice) != len(cases):
+            raise ValueError(f"{len(oracle_dice)} oracle Dice values for {len(cases)} cases")
+        summary["oracle"] = _oracle_summary(summary["tumour"]["dice"]["mean"], oracle_dice)
+    return summary

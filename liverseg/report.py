@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-METRICS = ("dice", "iou", "accuracy", "precision", "recall", "voe", "rvd", "assd", "mssd", "hd95")
+from .lits import METRICS
+
 CSV_COLUMNS = ("case", "variant", "class", *METRICS, "seconds")
 NUMERIC_COLUMNS = frozenset((*METRICS, "seconds"))
 CLASSES = ("liver", "tumour")
@@ -178,25 +179,31 @@ def per_case_dice_chart(rows: Sequence[Mapping], variants: Sequence[str], path: 
     return save_figure(fig, path)
 
 
+DETECTION_RULES = (("recall", "found at IoU > 0.5"), ("recall_any", "found at any overlap"))
+
+
 def detection_chart(summary: Mapping, variants: Sequence[str], path: Path) -> Path | None:
-    """Tumour detection recall by lesion size, one bar per variant; None without size bins."""
+    """Tumour lesions found by lesion size, at IoU > 0.5 and at any overlap (one panel each),
+    one bar per variant; None without size bins."""
     by_size = {v: dig(summary, "variants", v, "detection", "by_size") or [] for v in variants}
     bins = list(dict.fromkeys(str(b["bin"]) for v in variants for b in by_size[v]))
     if not bins:
         return None
-    fig = new_figure(max(6.0, 1.2 * len(bins) * max(len(variants), 2) / 2 + 2.5), 4.5)
-    ax = fig.add_subplot()
+    fig = new_figure(max(6.0, 1.2 * len(bins) * max(len(variants), 2) / 2 + 2.5), 7.5)
     colours = variant_colours(variants)
     lookup = {(v, str(b["bin"])): b for v in variants for b in by_size[v]}
-    series = [(v, [as_float(dig(lookup.get((v, b)), "recall")) for b in bins], None, colours[v]) for v in variants]
     # the lesion count is the ground truth's, the same for every variant
     lesions = {b: e.get("lesions") for (_, b), e in reversed(lookup.items())}
     labels = [f"{b}\n({lesions[b]} lesions)" if lesions.get(b) is not None else b for b in bins]
-    handles = grouped_bars(ax, labels, series)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("lesion recall")
-    ax.set_title("tumour detection recall by lesion size")
-    ax.legend(handles=handles, fontsize=8)
+    for i, (key, rule) in enumerate(DETECTION_RULES):
+        ax = fig.add_subplot(len(DETECTION_RULES), 1, i + 1)
+        series = [(v, [as_float(dig(lookup.get((v, b)), key)) for b in bins], None, colours[v]) for v in variants]
+        handles = grouped_bars(ax, labels, series)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("fraction of lesions")
+        ax.set_title(f"tumour lesions {rule}, by equivalent diameter")
+        if i == 0:
+            ax.legend(handles=handles, fontsize=8)
     return save_figure(fig, path)
 
 
@@ -305,7 +312,7 @@ def class_table(summary: Mapping, variants: Sequence[str], cls: str) -> str:
 def detection_table(summary: Mapping, variants: Sequence[str]) -> str:
     bins = list(dict.fromkeys(str(b["bin"]) for v in variants
                               for b in dig(summary, "variants", v, "detection", "by_size") or []))
-    keys = ("tp", "fp", "fn", "precision", "recall", "lesion_dice_mean")
+    keys = ("tp", "fp", "fn", "precision", "recall", "touched", "recall_any", "lesion_dice_mean")
     header = ["variant", *keys, *(f"recall {b}" for b in bins), "burden RMSE", "burden max"]
     body = []
     for v in variants:
@@ -316,10 +323,55 @@ def detection_table(summary: Mapping, variants: Sequence[str]) -> str:
     return table(header, body)
 
 
-def size_cell(entry: Mapping | None) -> str:
+def size_cell(entry: Mapping | None, found: str = "detected", fraction: str = "recall") -> str:
     if entry is None:
         return NA
-    return f"{fmt(entry.get('recall'))} ({fmt(entry.get('detected'))}/{fmt(entry.get('lesions'))})"
+    return f"{fmt(entry.get(fraction))} ({fmt(entry.get(found))}/{fmt(entry.get('lesions'))})"
+
+
+def count_cell(fraction: Any, part: Any, whole: Any) -> str:
+    """"0.750 (3/4)"; "–" without a whole."""
+    if not is_number(whole):
+        return NA
+    return f"{fmt(fraction)} ({fmt(part)}/{fmt(whole)})"
+
+
+def scorecard_rows(variant: Mapping) -> list[tuple[str, str]]:
+    """The lesion scorecard of one variant's summary (``summary["variants"][name]``) as
+    (row, text) pairs, the rows both the printed table and report.html show; docs/METRICS.md
+    defines each. Parts missing from an older summary show as "–"."""
+    det = dig(variant, "detection") or {}
+    bins = det.get("by_size") or []
+    rows = [(f"found IoU>0.5 {b['bin']}", size_cell(b)) for b in bins]
+    rows += [(f"found any overlap {b['bin']}", size_cell(b, "touched", "recall_any")) for b in bins]
+    tp, fp = det.get("tp"), det.get("fp")
+    free = det.get("tumour_free") or {}
+    rows += [("lesion precision IoU>0.5",
+              count_cell(det.get("precision"), tp, tp + fp if is_number(tp) and is_number(fp) else None)),
+             ("tumour-free w/o false lesion",
+              count_cell(free.get("fraction"), free.get("without_false_lesion"), free.get("cases"))),
+             ("tumour Dice pooled", fmt(dig(variant, "tumour", "dice_global"))),
+             ("tumour Dice per case", fmt(dig(variant, "tumour", "dice", "mean"))),
+             ("oracle Dice per case", fmt(dig(variant, "oracle", "dice_mean"))),
+             ("Dice per case / oracle", fmt(dig(variant, "oracle", "fraction")))]
+    return rows
+
+
+def scorecard_table(summary: Mapping, variants: Sequence[str]) -> str:
+    """One row per scorecard line, one column per variant."""
+    cards = [dict(scorecard_rows(dig(summary, "variants", v) or {})) for v in variants]
+    names = list(dict.fromkeys(name for card in cards for name, _ in card.items()))
+    return table(["lesion scorecard", *variants], [[n, *(card.get(n, NA) for card in cards)] for n in names])
+
+
+def oracle_note(summary: Mapping) -> str:
+    """What the scorecard's oracle is, with the thresholds the run used."""
+    visible = summary.get("oracle") or {}
+    if not all(finite(visible.get(k)) for k in ("min_cm3", "min_hu")):
+        return ""
+    return (f"<p>Oracle: a prediction of exactly the reference lesions of ≥ {float(visible['min_cm3']):g} cm³ "
+            f"whose median HU differs from the liver around them by ≥ {float(visible['min_hu']):g} HU; "
+            "lesions are 6-connected (docs/METRICS.md).</p>\n")
 
 
 def image_figure(path: Path, caption: str) -> str:
@@ -348,6 +400,7 @@ def html_sections(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Pa
              f"variants: {html.escape(', '.join(variants))}.</p>\n"]
     for cls in CLASSES:
         parts += [f"<h2>{cls}</h2>\n", class_table(summary, variants, cls)]
+    parts += ["<h2>lesion scorecard</h2>\n", scorecard_table(summary, variants), oracle_note(summary)]
     parts += ["<h2>tumour detection and burden</h2>\n", detection_table(summary, variants)]
     parts += ["<h2>failed cases</h2>\n",
               table(["case", "error"], [[f.get("case"), f.get("error")] for f in failed]) if failed
@@ -358,7 +411,7 @@ def html_sections(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Pa
     parts += ["<h2>panels</h2>\n", *(image_figure(p, Path(p).stem) for p in panels)]
     parts += ["<h2>per case</h2>\n<details><summary>every case, variant and class</summary>\n",
               table(CSV_COLUMNS, [[r.get(k) for k in CSV_COLUMNS] for r in rows], "cases"), "</details>\n"]
-    shown = {"variants", "cases", "failed", "timings", "config"}
+    shown = {"variants", "cases", "failed", "timings", "config", "oracle"}
     parts += ["<h2>config</h2>\n", json_block(summary.get("config", {}))]
     rest = {k: v for k, v in summary.items() if k not in shown}
     if rest:
@@ -384,7 +437,9 @@ def write_html(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Path]
 def flatten_summary(summary: Mapping) -> dict[str, float]:
     """Scalars of the summary as W&B keys: "ensemble/liver/dice_mean",
     "ensemble/liver/dice_global", "ensemble/detection/recall",
-    "ensemble/detection/recall_<10 mm", "ensemble/burden/rmse", "timings/<key>", "cases", "failed"."""
+    "ensemble/detection/recall_<10 mm", "ensemble/detection/recall_any_<10 mm",
+    "ensemble/detection/tumour_free_fraction", "ensemble/oracle/fraction",
+    "ensemble/burden/rmse", "timings/<key>", "cases", "failed"."""
     flat: dict[str, float] = {}
     for variant, groups in (summary.get("variants") or {}).items():
         for group, values in (groups or {}).items():
@@ -400,7 +455,8 @@ def flatten_value(prefix: str, key: str, value: Any) -> dict[str, float]:
     if isinstance(value, Mapping):  # {"mean", "std", ...} of one metric
         return {f"{prefix}/{key}_{s}": float(v) for s, v in value.items() if is_number(v)}
     if key == "by_size":
-        return {f"{prefix}/recall_{b['bin']}": as_float(b.get("recall")) for b in value}
+        return {f"{prefix}/{rule}_{b['bin']}": as_float(b.get(rule))
+                for b in value for rule in ("recall", "recall_any")}
     return {f"{prefix}/{key}": float(value)} if is_number(value) else {}
 
 

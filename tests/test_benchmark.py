@@ -1,12 +1,19 @@
-"""The lesion table and oracle behind `python launch/benchmark.py ceiling`."""
+"""`python launch/benchmark.py ceiling` prints the library's oracle (liverseg.oracle,
+tested in test_oracle.py) for each threshold pair."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+from click.testing import CliRunner
+
+from liverseg import oracle
+
+from test_oracle import faint_and_bright_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,35 +26,15 @@ def bench():
     return module
 
 
-def two_lesion_case():
-    """A liver block at 120 HU (1 mm voxels) with a 14 mm ball at -50 HU and a 24 mm ball at -15 HU."""
-    label = np.zeros((60, 80, 120), np.uint8)
-    label[5:55, 5:75, 5:115] = 1
-    image = np.full(label.shape, -100.0, np.float32)
-    image[label == 1] = 120.0
-    z, y, x = np.ogrid[:60, :80, :120]
-    small = (z - 30) ** 2 + (y - 40) ** 2 + (x - 25) ** 2 <= 7 ** 2
-    large = (z - 30) ** 2 + (y - 40) ** 2 + (x - 80) ** 2 <= 12 ** 2
-    label[small | large] = 2
-    image[small], image[large] = 70.0, 105.0
-    return label, image, small, large
-
-
-def test_lesion_table_measures_volume_and_contrast(bench):
-    label, image, small, large = two_lesion_case()
-    lesions = sorted(bench.lesion_table(label, image, (1.0, 1.0, 1.0)), key=lambda t: t[1])
-    assert [n for n, _, _ in lesions] == [small.sum(), large.sum()]
-    assert [round(v, 3) for _, v, _ in lesions] == [small.sum() / 1000, large.sum() / 1000]
-    assert [c for _, _, c in lesions] == [-50.0, -15.0]
-
-
-def test_oracle_keeps_only_the_lesions_it_may_find(bench):
-    label, image, small, large = two_lesion_case()
-    lesions = bench.lesion_table(label, image, (1.0, 1.0, 1.0))
-    s, l = int(small.sum()), int(large.sum())
-    assert bench.oracle_dice(lesions, 0, 0) == 1.0
-    assert bench.oracle_dice(lesions, 2.0, 0) == pytest.approx(2 * l / (2 * l + s))  # the 1.4 cm³ ball is left out
-    assert bench.oracle_dice(lesions, 0, 30) == pytest.approx(2 * s / (2 * s + l))  # the -15 HU ball is left out
-    assert bench.oracle_dice(lesions, 10, 0) == 0.0
-    tumour_free = np.where(label == 2, 1, label).astype(np.uint8)
-    assert bench.oracle_dice(bench.lesion_table(tumour_free, image, (1.0, 1.0, 1.0)), 1, 30) == 1.0
+def test_ceiling_prints_the_library_oracle(bench, tmp_path):
+    label, image, _, _ = faint_and_bright_case()
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    # NIfTI axes are (x, y, z): the same cube read back in any orientation has the same lesions
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), tmp_path / "volume-0.nii")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "segmentation-0.nii")
+    done = CliRunner().invoke(bench.main, ["ceiling", str(tmp_path), "--min-cm3", "0,2", "--min-hu", "0,20"])
+    assert done.exit_code == 0, done.output
+    lesions = oracle.lesion_table(label, image, (1.0, 1.0, 1.0))
+    table = done.output.splitlines()[-2:]
+    for line, v in zip(table, (0.0, 2.0)):
+        assert line.split() == [f"{v:g}", *(f"{oracle.oracle_dice(lesions, v, c):.3f}" for c in (0.0, 20.0))]

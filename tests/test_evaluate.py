@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from liverseg import lits
+from liverseg import lits, oracle, report
 from liverseg.augment import AugmentConfig
 from liverseg.config import TrainConfig
 from liverseg.errors import ConfigError
@@ -81,6 +81,58 @@ def test_ensemble_of_two_checkpoints_writes_every_output(shards, checkpoints, tm
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= len(charts) + len(panels)
     assert all(v in html for v in VARIANTS)
+
+
+def test_run_reports_the_lesion_scorecard_of_every_variant(shards, checkpoints, tmp_path, monkeypatch):
+    from liverseg import evaluate
+
+    loaded = []
+
+    def load_and_count(*args, **kwargs):
+        loaded.append(load_case(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(evaluate, "load_case", load_and_count)
+    out = tmp_path / "eval"
+    done = CliRunner().invoke(eval_main, ["run", *[a for c in checkpoints for a in ("--checkpoint", c)],
+                                          "--data", str(shards), "--out", str(out), "--batch-size", "8"])
+    assert done.exit_code == 0, done.output
+    test_cases = [c for c, s in read_manifest(shards)["split_assignment"].items() if s == "test"]
+    assert len(loaded) == len(test_cases)  # the oracle measures the CT read for prediction, not a second copy
+    summary = json.loads((out / "summary.json").read_text())
+    cases = json.loads((out / "cases.json").read_text())
+    fresh = [load_case(s.image, s.label) for s in find_cases(shards, "test", with_labels=True)[0]]
+    oracle_dice = [oracle.case_oracle_dice(c.label, c.image, c.spacing) for c in fresh]
+    assert summary["oracle"] == {"min_cm3": oracle.VISIBLE_MIN_CM3, "min_hu": oracle.VISIBLE_MIN_HU}
+    assert sorted(c["oracle_dice"] for c in cases.values()) == pytest.approx(sorted(oracle_dice))
+    for variant in VARIANTS:
+        scores = summary["variants"][variant]
+        det = scores["detection"]
+        lesions = [lesion for c in cases.values() for lesion in c["scores"][variant]["lesions"]["lesions"]]
+        assert [b["bin"] for b in det["by_size"]] == [name for *_, name in lits.SIZE_BINS]
+        assert [sum(b[k] for b in det["by_size"]) for k in ("lesions", "detected", "touched")] == [
+            len(lesions), sum(x["detected"] for x in lesions), sum(x["touched"] for x in lesions)]
+        free = [c["scores"][variant]["lesions"] for c in cases.values()
+                if c["scores"][variant]["lesions"]["ref_lesions"] == 0]
+        assert det["tumour_free"]["cases"] == len(free)
+        assert det["tumour_free"]["without_false_lesion"] == sum(d["pred_lesions"] == 0 for d in free)
+        assert scores["oracle"]["dice_mean"] == pytest.approx(np.mean(oracle_dice))
+        assert scores["oracle"]["tumour_dice_mean"] == pytest.approx(scores["tumour"]["dice"]["mean"])
+    # the printed table: one scorecard column per variant, every row
+    lines = done.output.splitlines()
+    header = next(line for line in lines if line.startswith("lesion scorecard"))
+    assert header.split()[2:] == VARIANTS
+    for variant in VARIANTS:
+        for name, text in report.scorecard_rows(summary["variants"][variant]):
+            assert any(line.startswith(name) and text in line for line in lines), (variant, name)
+    assert [name for name, _ in report.scorecard_rows(summary["variants"]["unet"])][:7] == [
+        "found IoU>0.5 <10 mm", "found IoU>0.5 10-20 mm", "found IoU>0.5 >=20 mm", "found any overlap <10 mm",
+        "found any overlap 10-20 mm", "found any overlap >=20 mm", "lesion precision IoU>0.5"]
+    html = (out / "report.html").read_text()
+    card = html[html.index("<h2>lesion scorecard</h2>"):html.index("<h2>tumour detection and burden</h2>")]
+    assert "".join(f"<th>{v}</th>" for v in VARIANTS) in card
+    for row in ("found any overlap &lt;10 mm", "tumour-free w/o false lesion", "Dice per case / oracle"):
+        assert f"<td>{row}</td>" in card, row
 
 
 def test_bad_cases_are_reported_and_the_others_still_evaluated(checkpoints, tmp_path):

@@ -1,6 +1,7 @@
 """LiTS metrics: hand-computed cases (anisotropic spacing, empty masks, lesion merging,
 burden, dataset sums), agreement with MONAI's surface distances and with a deliberately
-naive lesion-detection reference written here."""
+naive lesion-detection reference written here; the lesion scorecard (size bins, any overlap,
+tumour-free cases, 6-connectivity) on hand-made masks."""
 
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def chain_case() -> tuple[np.ndarray, np.ndarray]:
 # name, pred tumour, ref tumour, spacing, tp, fp, fn, ref lesions (volume mm3, detected, dice)
 LESION_CASES = [
     ("nothing", np.zeros(S, bool), np.zeros(S, bool), (1, 1, 1), 0, 0, 0, []),
-    ("touching lesions are one", cube(S, np.s_[2:4, 2:4, 2:6]),
+    ("face-touching lesions are one", cube(S, np.s_[2:4, 2:4, 2:6]),
      cube(S, np.s_[2:4, 2:4, 2:4], np.s_[2:4, 2:4, 4:6]), (1, 1, 1), 1, 0, 0, [(16, True, 1.0)]),
     ("one prediction over two lesions merges them", cube(S, np.s_[2:4, 2:4, 1:8]),
      cube(S, np.s_[2:4, 2:4, 1:4], np.s_[2:4, 2:4, 5:8]), (1, 1, 1), 1, 0, 0,
@@ -173,6 +174,10 @@ LESION_CASES = [
     ("IoU of exactly 0.5 is a miss and its prediction one false positive", cube(S, np.s_[1:3, 1:3, 1:2]),
      cube(S, np.s_[1:3, 1:3, 1:3]), (1, 1, 1), 0, 1, 1, [(8, False, None)]),
     ("a chain of overlaps is one group", *chain_case(), (1, 1, 1), 0, 1, 1, [(7, False, None)]),
+    ("corner-touching lesions are two (6-connected)", cube(S, np.s_[1:3, 1:3, 1:3]),
+     cube(S, np.s_[1:3, 1:3, 1:3], np.s_[3:5, 3:5, 3:5]), (1, 1, 1), 1, 0, 1, [(8, True, 1.0), (8, False, None)]),
+    ("edge-touching lesions are two (6-connected)", cube(S, np.s_[1:3, 1:3, 1:3], np.s_[1:3, 3:5, 3:5]),
+     cube(S, np.s_[1:3, 1:3, 1:3], np.s_[1:3, 3:5, 3:5]), (1, 1, 1), 2, 0, 0, [(8, True, 1.0), (8, True, 1.0)]),
 ]
 
 
@@ -190,11 +195,10 @@ def test_lesion_detection_hand_computed(pred, ref, spacing, tp, fp, fn, lesions)
 
 
 def naive_detection(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
-    """The LiTS rule, written as plainly as possible: scipy labels, every pair of
-    components tested for overlap, union-find over the overlapping pairs."""
-    structure = np.ones((3, 3, 3), bool)
-    ref_lab, n_ref = ndi.label(ref, structure)
-    pred_lab, n_pred = ndi.label(pred, structure)
+    """The LiTS rule, written as plainly as possible: scipy labels (6-connected, scipy's
+    default), every pair of components tested for overlap, union-find over the overlapping pairs."""
+    ref_lab, n_ref = ndi.label(ref)
+    pred_lab, n_pred = ndi.label(pred)
     parent = list(range(n_ref + n_pred))  # ref i → node i - 1, pred j → node n_ref + j - 1
 
     def find(a: int) -> int:
@@ -221,11 +225,11 @@ def naive_detection(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
         volume = np.count_nonzero(r) * float(np.prod(spacing))
         if inter / np.count_nonzero(r | p) > 0.5:
             tp += 1
-            lesions.append((volume, True, 2 * inter / (np.count_nonzero(r) + np.count_nonzero(p))))
+            lesions.append((volume, True, 2 * inter / (np.count_nonzero(r) + np.count_nonzero(p)), True))
         else:
             fn += 1
             fp += int(p.any())
-            lesions.append((volume, False, -1.0))
+            lesions.append((volume, False, -1.0, inter > 0))
     return {"tp": tp, "fp": fp, "fn": fn, "lesions": sorted(lesions)}
 
 
@@ -264,14 +268,15 @@ def test_lesion_detection_agrees_with_naive_reference(seed):
     expected = naive_detection(pred, ref, spacing)
     result = lits.lesion_detection(pred, ref, spacing)
     assert {k: result[k] for k in ("tp", "fp", "fn")} == {k: expected[k] for k in ("tp", "fp", "fn")}
-    got = sorted((d["volume_mm3"], d["detected"], -1.0 if d["dice"] is None else d["dice"])
+    got = sorted((d["volume_mm3"], d["detected"], -1.0 if d["dice"] is None else d["dice"], d["touched"])
                  for d in result["lesions"])
     # field by field: newer pytest refuses approx over nested tuples
     assert len(got) == len(expected["lesions"])
-    for (volume, detected, dice), (want_volume, want_detected, want_dice) in zip(got, expected["lesions"]):
-        assert (volume, detected, dice) == (pytest.approx(want_volume), want_detected, pytest.approx(want_dice))
-    assert result["ref_lesions"] == ndi.label(ref, np.ones((3, 3, 3)))[1]
-    assert result["pred_lesions"] == ndi.label(pred, np.ones((3, 3, 3)))[1]
+    for (volume, detected, dice, touched), want in zip(got, expected["lesions"]):
+        assert (volume, detected, dice, touched) == (pytest.approx(want[0]), want[1], pytest.approx(want[2]), want[3])
+    assert result["ref_lesions"] == ndi.label(ref)[1]
+    assert result["pred_lesions"] == ndi.label(pred)[1]
+
 
 
 # --------------------------------------------------------------------------- cases and dataset
@@ -308,16 +313,19 @@ def fake_case(tp, pred_voxels, ref_voxels, dice, lesions=(), burden=(0.0, 0.0), 
     scores = {"tp": tp, "pred_voxels": pred_voxels, "ref_voxels": ref_voxels,
               **dict.fromkeys(lits.METRICS, dice)}
     return {"liver": scores, "tumour": {**scores, "dice": NAN},
-            "lesions": {"tp": det[0], "fp": det[1], "fn": det[2], "lesions": list(lesions)},
+            "lesions": {"tp": det[0], "fp": det[1], "fn": det[2], "lesions": list(lesions),
+                        "ref_lesions": len(lesions), "pred_lesions": det[0] + det[1]},
             "burden": {"pred": burden[0], "ref": burden[1]}}
 
 
-def lesion(diameter_mm: float, detected: bool, dice=None) -> dict:
-    return {"volume_mm3": math.pi / 6 * diameter_mm ** 3, "detected": detected, "dice": dice}
+def lesion(diameter_mm: float, detected: bool, dice=None, touched: bool | None = None) -> dict:
+    return {"volume_mm3": math.pi / 6 * diameter_mm ** 3, "detected": detected,
+            "touched": detected if touched is None else touched, "dice": dice}
 
 
 def test_aggregate_sums_over_the_dataset():
-    cases = [fake_case(90, 100, 100, 0.9, [lesion(5, True, 0.6), lesion(15, False)], (0.1, 0.2), (1, 2, 1)),
+    cases = [fake_case(90, 100, 100, 0.9, [lesion(5, True, 0.6), lesion(15, False, touched=True)], (0.1, 0.2),
+                       (1, 2, 1)),
              fake_case(5, 10, 20, NAN, [lesion(30, True, 0.8), lesion(50, True, 0.9)], (0.3, 0.0), (2, 0, 0))]
     summary = lits.aggregate(cases)
     assert summary["liver"]["dice_global"] == pytest.approx(2 * 95 / 230)
@@ -328,8 +336,11 @@ def test_aggregate_sums_over_the_dataset():
     assert (det["tp"], det["fp"], det["fn"]) == (3, 2, 1)
     assert det["precision"] == pytest.approx(3 / 5) and det["recall"] == pytest.approx(3 / 4)
     assert det["lesion_dice_mean"] == pytest.approx((0.6 + 0.8 + 0.9) / 3)
-    assert [(b["bin"], b["lesions"], b["detected"]) for b in det["by_size"]] == [
-        ("<10 mm", 1, 1), ("10-20 mm", 1, 0), ("20-40 mm", 1, 1), (">=40 mm", 1, 1)]
+    assert [(b["bin"], b["lesions"], b["detected"], b["touched"]) for b in det["by_size"]] == [
+        ("<10 mm", 1, 1, 1), ("10-20 mm", 1, 0, 1), (">=20 mm", 2, 2, 2)]
+    assert det["touched"] == 4 and det["recall_any"] == 1.0
+    assert det["tumour_free"]["cases"] == 0 and math.isnan(det["tumour_free"]["fraction"])
+    assert "oracle" not in summary  # only when the oracle's per-case Dice are given
     assert summary["burden"] == approx({"rmse": math.sqrt((0.01 + 0.09) / 2), "max": 0.3})
 
 
@@ -339,6 +350,109 @@ def test_aggregate_of_nothing_detected():
     det = summary["detection"]
     assert math.isnan(det["precision"]) and math.isnan(det["recall"]) and math.isnan(det["lesion_dice_mean"])
     assert all(b["lesions"] == 0 and math.isnan(b["recall"]) for b in det["by_size"])
+
+
+# --------------------------------------------------------------------------- lesion scorecard
+
+SCORECARD_SHAPE = (22, 56, 56)  # 1 mm voxels; a cube of side a mm has diameter 1.24 a mm
+
+# name, reference box, predicted box (or None), diameter bin, found at IoU > 0.5, found at any overlap
+SCORECARD_LESIONS = [
+    ("4 mm cube (5.0 mm) predicted exactly", np.s_[2:6, 2:6, 2:6], np.s_[2:6, 2:6, 2:6], "<10 mm", True, True),
+    ("10 mm cube (12.4 mm) touched on 4 of its 10 columns (IoU 0.4)", np.s_[2:12, 10:20, 10:20],
+     np.s_[2:12, 10:20, 10:14], "10-20 mm", False, True),
+    ("17 mm cube (21.1 mm) missed", np.s_[2:19, 25:42, 25:42], None, ">=20 mm", False, False),
+    ("corner-touching pair: the predicted one", np.s_[2:5, 45:48, 2:5], np.s_[2:5, 45:48, 2:5], "<10 mm",
+     True, True),
+    ("corner-touching pair: the missed one", np.s_[5:8, 48:51, 5:8], None, "<10 mm", False, False),
+]
+
+
+def scorecard_case() -> tuple[np.ndarray, np.ndarray]:
+    """Label volumes (liver everywhere, tumour where SCORECARD_LESIONS put it)."""
+    ref, pred = np.ones(SCORECARD_SHAPE, np.uint8), np.ones(SCORECARD_SHAPE, np.uint8)
+    for _, ref_box, pred_box, *_ in SCORECARD_LESIONS:
+        ref[ref_box] = 2
+        if pred_box is not None:
+            pred[pred_box] = 2
+    return pred, ref
+
+
+@pytest.mark.parametrize("name, ref_box, pred_box, size_bin, found_iou, found_any", SCORECARD_LESIONS,
+                         ids=[c[0] for c in SCORECARD_LESIONS])
+def test_each_lesion_is_found_by_its_rule(name, ref_box, pred_box, size_bin, found_iou, found_any):
+    pred, ref = scorecard_case()
+    result = lits.lesion_detection(pred == 2, ref == 2, (1.0, 1.0, 1.0))
+    volume = float(cube(SCORECARD_SHAPE, ref_box).sum())
+    bins = [name for lo, hi, name in lits.SIZE_BINS if lo <= lits.equivalent_diameter(volume) < hi]
+    assert bins == [size_bin]
+    # the two lesions of the pair have one volume and differ in being found
+    matches = [(d["detected"], d["touched"]) for d in result["lesions"] if d["volume_mm3"] == volume]
+    assert (found_iou, found_any) in matches
+
+
+def test_scorecard_counts_by_size_bin():
+    pred, ref = scorecard_case()
+    det = lits.aggregate([lits.score_case(pred, ref, (1.0, 1.0, 1.0))])["detection"]
+    expected = {name: [0, 0, 0] for *_, name in lits.SIZE_BINS}
+    for _, _, _, size_bin, found_iou, found_any in SCORECARD_LESIONS:
+        expected[size_bin] = [n + d for n, d in zip(expected[size_bin], (1, found_iou, found_any))]
+    assert {b["bin"]: [b["lesions"], b["detected"], b["touched"]] for b in det["by_size"]} == expected
+    assert expected == {"<10 mm": [3, 2, 2], "10-20 mm": [1, 0, 1], ">=20 mm": [1, 0, 0]}
+    assert [b["recall_any"] for b in det["by_size"]] == [2 / 3, 1.0, 0.0]
+    # the pair is two lesions only under 6-connectivity: under 26 it would be one, at IoU 0.5 a miss
+    assert (det["tp"], det["fn"], det["fp"]) == (2, 3, 1)  # the partial prediction on the 10 mm cube is a FP
+    assert det["precision"] == pytest.approx(2 / 3) and det["recall"] == pytest.approx(2 / 5)
+
+
+def tumour_free_ref() -> np.ndarray:
+    return np.ones((6, 12, 12), np.uint8)
+
+
+def with_tumour(labels: np.ndarray, box) -> np.ndarray:
+    out = labels.copy()
+    out[box] = 2
+    return out
+
+
+# name, prediction, reference, (tumour-free cases, of them without a predicted tumour)
+TUMOUR_FREE_CASES = [
+    ("tumour-free, nothing predicted", tumour_free_ref(), tumour_free_ref(), (1, 1)),
+    ("tumour-free, one false voxel", with_tumour(tumour_free_ref(), np.s_[3, 3, 3]), tumour_free_ref(), (1, 0)),
+    ("tumour in the reference: not counted", tumour_free_ref(), with_tumour(tumour_free_ref(), np.s_[1:3, 1:3, 1:3]),
+     (0, 0)),
+]
+
+
+@pytest.mark.parametrize("pred, ref, expected", [c[1:] for c in TUMOUR_FREE_CASES],
+                         ids=[c[0] for c in TUMOUR_FREE_CASES])
+def test_tumour_free_cases_without_a_false_lesion(pred, ref, expected):
+    free = lits.aggregate([lits.score_case(pred, ref, (1, 1, 1))])["detection"]["tumour_free"]
+    assert (free["cases"], free["without_false_lesion"]) == expected
+
+
+def test_tumour_free_fraction_and_precision_over_cases():
+    cases = [lits.score_case(pred, ref, (1, 1, 1)) for _, pred, ref, _ in TUMOUR_FREE_CASES]
+    cases.append(lits.score_case(*scorecard_case(), (1, 1, 1)))
+    det = lits.aggregate(cases)["detection"]
+    assert det["tumour_free"] == {"cases": 2, "without_false_lesion": 1, "fraction": 0.5}
+    assert det["precision"] == pytest.approx(2 / (2 + 2))  # TP / (TP + FP): the false voxel is a FP too
+
+
+def test_oracle_summary_is_mean_dice_over_mean_oracle_dice():
+    cases = [fake_case(1, 1, 1, 1.0), fake_case(1, 1, 1, 1.0)]
+    cases[0]["tumour"]["dice"], cases[1]["tumour"]["dice"] = 0.2, 0.6
+    oracle = lits.aggregate(cases, [0.5, 1.0])["oracle"]
+    assert oracle == approx({"cases": 2, "dice_mean": 0.75, "tumour_dice_mean": 0.4, "fraction": 0.4 / 0.75})
+    assert math.isnan(lits.aggregate(cases, [0.0, 0.0])["oracle"]["fraction"])
+    with pytest.raises(ValueError, match="oracle"):
+        lits.aggregate(cases, [0.5])
+
+
+def test_lesions_are_counted_as_shardgen_stats_counts_them():
+    from shardgen.stats import CONNECTIVITY
+
+    assert lits.LESION_CONNECTIVITY == CONNECTIVITY == 6
 
 
 def test_bounding_box():

@@ -49,14 +49,20 @@ def make_summary() -> dict:
                          **{m: stats(0.8 - 0.1 * k + 0.01 * j, 0.05) for m in METRICS}}
                    for k, cls in enumerate(("liver", "tumour"))}
         classes["tumour"]["hd95"] = stats(NAN, NAN)  # undefined everywhere: a skipped bar
-        by_size = [{"bin": "<10 mm", "lesions": 4, "detected": 1 + j, "recall": (1 + j) / 4},
-                   {"bin": "10-20 mm", "lesions": 0, "detected": 0, "recall": NAN},
-                   {"bin": ">20 mm", "lesions": 2, "detected": 2, "recall": 1.0}]
+        by_size = [{"bin": "<10 mm", "lesions": 4, "detected": 1 + j, "recall": (1 + j) / 4,
+                    "touched": 3, "recall_any": 0.75},
+                   {"bin": "10-20 mm", "lesions": 0, "detected": 0, "recall": NAN, "touched": 0, "recall_any": NAN},
+                   {"bin": ">=20 mm", "lesions": 2, "detected": 2, "recall": 1.0, "touched": 2, "recall_any": 1.0}]
         variants[variant] = {**classes,
-                             "detection": {"tp": 3 + j, "fp": 1, "fn": 3 - j, "precision": 0.75, "recall": 0.5,
-                                           "lesion_dice_mean": NAN, "by_size": by_size},
+                             "detection": {"tp": 3 + j, "fp": 1, "fn": 3 - j, "precision": (3 + j) / (4 + j),
+                                           "recall": 0.5, "touched": 5, "recall_any": 5 / 6,
+                                           "lesion_dice_mean": NAN, "by_size": by_size,
+                                           "tumour_free": {"cases": 2, "without_false_lesion": 1 + j,
+                                                           "fraction": (1 + j) / 2}},
+                             "oracle": {"cases": 3, "dice_mean": 0.8, "tumour_dice_mean": 0.6 + 0.1 * j,
+                                        "fraction": (0.6 + 0.1 * j) / 0.8},
                              "burden": {"rmse": 0.012, "max": 0.03}}
-    return {"variants": variants, "cases": len(CASES),
+    return {"variants": variants, "cases": len(CASES), "oracle": {"min_cm3": 0.5, "min_hu": 20.0},
             "failed": [{"case": "volume-9", "error": "InvalidCase: shape mismatch <image>"}],
             "timings": {"predict_s_mean": 1.25, "total_s": 12.0},
             "config": {"checkpoints": ["a", "b"], "tta": "flip"}}
@@ -160,11 +166,44 @@ def test_summary_table_shows_mean_and_std(outputs):
     assert "<td>0.250 (1/4)</td>" in text  # unet detection recall in the smallest size bin
 
 
+def test_scorecard_rows_of_one_variant():
+    rows = report.scorecard_rows(make_summary()["variants"]["unet"])
+    assert rows == [
+        ("found IoU>0.5 <10 mm", "0.250 (1/4)"), ("found IoU>0.5 10-20 mm", "– (0/0)"),
+        ("found IoU>0.5 >=20 mm", "1.000 (2/2)"),
+        ("found any overlap <10 mm", "0.750 (3/4)"), ("found any overlap 10-20 mm", "– (0/0)"),
+        ("found any overlap >=20 mm", "1.000 (2/2)"),
+        ("lesion precision IoU>0.5", "0.750 (3/4)"), ("tumour-free w/o false lesion", "0.500 (1/2)"),
+        ("tumour Dice pooled", "0.600"), ("tumour Dice per case", "0.700"),
+        ("oracle Dice per case", "0.800"), ("Dice per case / oracle", "0.750")]
+
+
+def test_scorecard_rows_of_a_summary_without_it_are_dashes():
+    rows = dict(report.scorecard_rows({"tumour": {"dice_global": 0.5}}))
+    assert rows["lesion precision IoU>0.5"] == "–" and rows["Dice per case / oracle"] == "–"
+    assert rows["tumour Dice pooled"] == "0.500"
+
+
+def test_html_has_the_scorecard_of_every_variant(outputs):
+    text = outputs["html"].read_text(encoding="utf-8")
+    table = text[text.index("<h2>lesion scorecard</h2>"):text.index("<h2>tumour detection and burden</h2>")]
+    assert "<th>unet</th><th>ensemble+postprocess</th>" in table
+    # precision, then tumour-free cases without a false lesion: unet, then ensemble+postprocess
+    assert "<td>lesion precision IoU&gt;0.5</td><td>0.750 (3/4)</td><td>0.800 (4/5)</td>" in table
+    assert "<td>tumour-free w/o false lesion</td><td>0.500 (1/2)</td><td>1.000 (2/2)</td>" in table
+    assert "<td>found any overlap &lt;10 mm</td><td>0.750 (3/4)</td>" in table
+    assert "<td>Dice per case / oracle</td><td>0.750</td><td>0.875</td>" in table
+    assert "≥ 0.5 cm³" in table and "≥ 20 HU" in table
+
+
 def test_flattened_summary_keys():
     flat = report.flatten_summary(make_summary())
     assert flat["ensemble+postprocess/liver/dice_mean"] == pytest.approx(0.81)
     assert flat["unet/liver/dice_global"] == 0.9
     assert flat["unet/detection/recall_<10 mm"] == 0.25
+    assert flat["unet/detection/recall_any_<10 mm"] == 0.75
+    assert flat["unet/detection/tumour_free_fraction"] == 0.5
+    assert flat["unet/oracle/fraction"] == pytest.approx(0.75)
     assert flat["unet/burden/rmse"] == 0.012
     assert flat["timings/total_s"] == 12.0 and flat["cases"] == 3 and flat["failed"] == 1
     assert math.isnan(flat["unet/tumour/hd95_mean"])
