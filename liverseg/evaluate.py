@@ -173,7 +173,7 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     tick = time.perf_counter()
     final = variants[POSTPROCESSED]
     out = Path(config.out) / "predictions" / prediction_name(source.case, compressed=config.with_labels)
-    result.prediction = str(write_labels(out, final, affine))
+    result.prediction = str(write_labels(out, final, affine, case.spatial))
     result.seconds["write"] = time.perf_counter() - tick
     if truth is not None:
         tick = time.perf_counter()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from isal import igzip
 
+from shardgen.nifti import Spatial
 from shardgen.orientation import from_canonical
 from shardgen.preprocess import Preprocessing, interpolation_matrix, preprocess_image
 
@@ -345,8 +346,10 @@ def prediction_name(case: str, compressed: bool) -> str:
     return case + (".nii.gz" if compressed else ".nii")
 
 
-def write_labels(path: Path, canonical: np.ndarray, affine: np.ndarray) -> Path:
-    """Write canonical labels as uint8 NIfTI in the voxel order and affine of the input.
+def write_labels(path: Path, canonical: np.ndarray, affine: np.ndarray, spatial: Spatial | None = None) -> Path:
+    """Write canonical labels as uint8 NIfTI in the voxel order and affine of the input,
+    with the input's qform, sform (matrices and codes) and units when ``spatial`` is given
+    (else both forms are ``affine`` with code 1, scanner).
 
     Written under a temporary name and renamed, so a crash never leaves half a file;
     ``.nii.gz`` is deflated with ISA-L at its fastest level (labels compress well anyway).
@@ -354,8 +357,11 @@ def write_labels(path: Path, canonical: np.ndarray, affine: np.ndarray) -> Path:
     data = np.ascontiguousarray(from_canonical(canonical, affine).astype(np.uint8, copy=False))
     image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     image.header.set_data_dtype(np.uint8)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
+    if spatial is not None:
+        spatial.apply(image.header)
+    else:
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
     payload = image.to_bytes()
     if path.name.endswith(".gz"):
         payload = igzip.compress(payload, compresslevel=0)

@@ -33,12 +33,37 @@ DRAIN_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
+class Spatial:
+    """A NIfTI header's spatial fields as stored: qform and sform (matrices and codes) and
+    the units, so that outputs can carry the input's exactly (codes 2 "aligned" stay 2, a
+    qform-only file stays qform-only, a qform that differs from the sform is kept)."""
+
+    qform: np.ndarray
+    qform_code: int
+    sform: np.ndarray
+    sform_code: int
+    units: tuple[str, str]
+
+    @classmethod
+    def of(cls, header: nib.Nifti1Header) -> "Spatial":
+        (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+        return cls(header.get_qform(), int(qcode), header.get_sform(), int(scode), header.get_xyzt_units())
+
+    def apply(self, header: nib.Nifti1Header) -> None:
+        header.set_qform(self.qform, code=self.qform_code)
+        header.set_sform(self.sform, code=self.sform_code)
+        header.set_xyzt_units(*self.units)
+
+
+@dataclass(frozen=True)
 class Volume:
-    """A NIfTI file's voxels (file order, native dtype, scaling applied) and affine."""
+    """A NIfTI file's voxels (file order, native dtype, scaling applied), affine and
+    spatial header fields."""
 
     data: np.ndarray
     affine: np.ndarray
     path: Path
+    spatial: Spatial | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,7 @@ class Case:
     affine: np.ndarray
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    spatial: Spatial | None = None  # the image header's, for outputs in its geometry
 
 
 def map_file(path: Path) -> mmap.mmap:
@@ -215,7 +241,7 @@ def read_volume(path: str | Path) -> Volume:
     if len(raw) < needed:
         raise InvalidCase(path, f"truncated: {len(raw)} bytes of data, the header needs {needed}")
     data = np.ndarray(shape, dtype=dtype, buffer=raw, offset=offset, order="F")
-    return Volume(scaled(path, header, data), header_affine(path, header), path)
+    return Volume(scaled(path, header, data), header_affine(path, header), path, Spatial.of(header))
 
 
 def check_3d(volume: Volume) -> None:
@@ -265,7 +291,8 @@ def canonical_case(image: Volume, labels: np.ndarray | None) -> Case:
     """An image (and its uint8 labels, if any) viewed in the canonical orientation."""
     canon_image = to_canonical(image.data, image.affine)
     return Case(canon_image, None if labels is None else to_canonical(labels, image.affine), image.affine,
-                tuple(canon_image.shape), canonical_spacing(image.affine))  # type: ignore[arg-type]
+                tuple(canon_image.shape), canonical_spacing(image.affine),  # type: ignore[arg-type]
+                image.spatial)
 
 
 def load_image(path: str | Path) -> Case:

@@ -179,3 +179,38 @@ def test_preprocessing_on_an_accelerator_is_shardgens(shape, size, dtype):
         assert diff.max() == 0
     else:
         assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+def rotated(angle_deg: float, spacing=(0.8, 0.8, 2.5), origin=(-150.0, 120.0, -300.0)) -> np.ndarray:
+    a = np.deg2rad(angle_deg)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+@pytest.mark.parametrize("qcode, scode, qangle, sangle", [
+    (2, 2, 0.0, 0.0),    # "aligned" codes, as many converters write them
+    (1, 0, 5.0, 0.0),    # qform only: the sform is unset and must stay unset
+    (1, 2, 0.0, 3.0),    # qform and sform that differ: both kept as they are
+], ids=["codes-2-2", "qform-only", "qform-differs-from-sform"])
+def test_predictions_keep_the_inputs_qform_sform_and_units(tmp_path, qcode, scode, qangle, sangle):
+    label = np.zeros((12, 10, 6), np.uint8)
+    label[3:8, 2:7, 1:4] = 1
+    label[5, 4, 2] = 2
+    image = nib.Nifti1Image(label.astype(np.int16), None)
+    image.header.set_qform(rotated(qangle), code=qcode)
+    image.header.set_sform(rotated(sangle) if scode else np.zeros((4, 4)), code=scode)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, str(tmp_path / "volume-3.nii.gz"))
+    case = load_case(tmp_path / "volume-3.nii.gz", tmp_path / "volume-3.nii.gz")
+    out = write_labels(tmp_path / "segmentation-3.nii.gz", case.label, case.affine, case.spatial)
+    written = nib.load(out).header
+    source = nib.load(tmp_path / "volume-3.nii.gz").header
+    for coded in ("get_qform", "get_sform"):
+        (want, want_code), (got, got_code) = getattr(source, coded)(coded=True), getattr(written, coded)(coded=True)
+        assert int(got_code) == int(want_code), coded
+        assert (got is None) == (want is None) and (got is None or np.allclose(got, want, atol=1e-5)), coded
+    assert written.get_xyzt_units() == ("mm", "sec")
+    assert np.array_equal(np.asarray(nib.load(out).dataobj), label)  # the input's voxel order
