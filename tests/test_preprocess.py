@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from shardgen.errors import ShardgenError
 from shardgen.preprocess import (Preprocessing, context_indices, preprocess_image,
-                                 preprocess_label, resize_linear, resize_nearest, window_scaled)
+                                 interpolation_matrix, preprocess_label, resize_labels, resize_linear,
+                                 window_scaled)
 
 
 @pytest.mark.parametrize("name, hu, expected", [
@@ -46,15 +47,52 @@ def test_resize_is_identity_at_same_size():
     assert (resize_linear(img, (16, 16)) == img).all()
 
 
-def test_nearest_resize_keeps_label_values_and_geometry():
+def test_label_resize_keeps_label_values_and_geometry():
     label = np.zeros((64, 64), np.uint8)
     label[16:48, 8:24] = 1
     label[30:34, 12:16] = 2
-    small = resize_nearest(label, (32, 32))
+    small = resize_labels(label, (32, 32))
     assert set(np.unique(small)) == {0, 1, 2}
     assert (small[8:24, 4:12] >= 1).all() and small[:8].max() == 0
     big = preprocess_label(small, Preprocessing(size=64))
     assert (big == label).mean() > 0.98
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    return np.array(np.nonzero(mask), float).mean(axis=1)
+
+
+@pytest.mark.parametrize("size", [256, 128])
+def test_labels_stay_on_the_resized_images_grid(size):
+    """A disc's label centroid after resizing lies where the disc's centre maps to on the
+    output grid (input pixel centre c -> (c + 0.5) / scale - 0.5): nearest neighbour was
+    half an input pixel off, i.e. -0.25 px at 512 -> 256."""
+    yy, xx = np.mgrid[:512, :512]
+    offsets = []
+    for cy, cx in ((200.3, 250.7), (301.0, 190.5), (255.5, 255.5), (140.25, 330.8)):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 70.0 ** 2
+        label = disc.astype(np.uint8)
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 < 20.0 ** 2] = 2
+        small = preprocess_label(label, Preprocessing(size=size))
+        scale = 512 / size
+        for mask_in, mask_out in ((label >= 1, small >= 1), (label == 2, small == 2)):
+            expected = (centroid(mask_in) + 0.5) / scale - 0.5
+            offsets.append(centroid(mask_out) - expected)
+    assert np.abs(np.mean(offsets, axis=0)).max() < 0.05, np.mean(offsets, axis=0)
+    assert np.abs(offsets).max() < 0.15, offsets
+
+
+def test_label_resize_matches_the_whole_slice_computation_and_keeps_empty_slices_empty():
+    label = np.zeros((2, 96, 80), np.uint8)
+    label[0, 30:61, 20:47] = 1
+    label[0, 40:45, 25:33] = 2
+    small = resize_labels(label, (48, 40))
+    rows, cols = interpolation_matrix(96, 48), interpolation_matrix(80, 40)
+    for level in (1, 2):
+        whole = rows @ (label >= level).astype(np.float32) @ cols.T
+        differ = (small >= level) != (whole > 0.5)
+        assert not differ[np.abs(whole - 0.5) > 1e-5].any()  # up to rounding at exactly half
+    assert small[1].max() == 0 and resize_labels(np.zeros((96, 80), np.uint8), (48, 40)).max() == 0
 
 
 @pytest.mark.parametrize("name, z, depth, context, expected", [
