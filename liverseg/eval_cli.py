@@ -4,6 +4,7 @@
         --data /data/LiTS --out eval
     liverseg-eval predict --checkpoint runs/unet/best --data /data/LiTS-test --out submission
     liverseg-eval tune --checkpoint runs/unet/best --data shards --split val --out tuned
+    liverseg-eval score --reference LiTS/labels --predictions submission --convention lits --out scored
     accelerate launch -m liverseg.eval_cli run ...   # cases split across processes
 """
 
@@ -21,6 +22,9 @@ from shardgen.errors import ShardgenError, os_error_line
 # (about 6 s), which `--help` and a mistyped option should not wait for
 from .config import TTA_CHOICES
 from .errors import LiversegError
+
+# liverseg.scoring.CONVENTIONS, spelt out: importing scoring pulls in scipy and cc3d (~1 s)
+CONVENTIONS = ("liverseg", "lits")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -78,6 +82,9 @@ def main(verbose: bool) -> None:
 @shared_options
 @click.option("--report-to", type=click.Choice(["none", "wandb"]), default="none", show_default=True,
               help="Also log to Weights & Biases (offline without an API key or network).")
+@click.option("--convention", type=click.Choice(CONVENTIONS), default="liverseg", show_default=True,
+              help="lits: also score every variant as the LiTS challenge scorer does (summary.json: "
+                   "lits_official, under its names).")
 @friendly_errors
 def run(report_to: str, **options) -> None:
     """Predict, postprocess and score labelled cases: each checkpoint, their ensemble and
@@ -88,6 +95,7 @@ def run(report_to: str, **options) -> None:
     result = run_evaluation(EvalConfig(**options, report_to=report_to, with_labels=True))
     if result.summary is not None:
         print_table(result.summary)
+        print_official(result.summary.get("lits_official"))
         click.echo(f"report: {result.report}")
     finish(result)
 
@@ -124,6 +132,30 @@ def tune(**options) -> None:
     finish(result)
 
 
+@main.command()
+@click.option("--reference", required=True, help="Folder of reference label maps (segmentation-N.nii[.gz]).")
+@click.option("--predictions", required=True,
+              help="Folder of predicted label maps: segmentation-N, test-segmentation-N or volume-N, "
+                   "paired with the reference by N.")
+@click.option("--convention", type=click.Choice(CONVENTIONS), default="liverseg", show_default=True,
+              help="liverseg: liverseg's LiTS-style scores; lits: the LiTS challenge scorer's numbers "
+                   "(docs/METRICS.md lists the differences).")
+@click.option("--out", required=True, help="Output folder.")
+@friendly_errors
+def score(**options) -> None:
+    """Score existing predictions, without a model: writes scores.json (dataset figures;
+    with --convention lits under the official scorer's names, and scores.txt), cases.json
+    and cases.csv into --out."""
+    from .scoring import ScoreConfig, headline, score_folders
+
+    config = ScoreConfig(**options)
+    result = score_folders(config)
+    for name, value in headline(result.dataset, config.convention).items():
+        click.echo(f"{name}: {value:.3f}")
+    click.echo(f"scored in {result.seconds:.2f} s")
+    finish(result)
+
+
 def print_table(summary: dict) -> None:
     """Per class and variant: mean Dice, IoU, precision, recall and ASSD over cases; then
     the lesion scorecard, one column per variant."""
@@ -143,6 +175,18 @@ def print_table(summary: dict) -> None:
     click.echo(f"\n{'lesion scorecard':<{label}}" + "".join(f"{v:>{width[v]}}" for v in cards))
     for i, name in enumerate(names):
         click.echo(f"{name:<{label}}" + "".join(f"{rows[i][1]:>{width[v]}}" for v, rows in cards.items()))
+
+
+def print_official(official: dict | None) -> None:
+    """The LiTS scorer's figures, one row per name, one column per variant."""
+    if not official:
+        return
+    width = {v: max(len(v), 9) + 2 for v in official}
+    names = list(next(iter(official.values())))
+    label = max(len(n) for n in names) + 1
+    click.echo(f"\n{'LiTS official':<{label}}" + "".join(f"{v:>{width[v]}}" for v in official))
+    for name in names:
+        click.echo(f"{name:<{label}}" + "".join(f"{official[v][name]:>{width[v]}.3f}" for v in official))
 
 
 def finish(result) -> None:

@@ -26,11 +26,12 @@ from shardgen.errors import InvalidCase, ShardgenError
 from shardgen.manifest import read_manifest, write_json_atomic
 from shardgen.nifti import load_case, load_image
 
-from . import __version__, lits, oracle, report
+from . import __version__, lits, lits_official, oracle, report
 from .errors import ConfigError
 from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name, tta_note,
                         write_labels)
 from .postprocess import MIN_LESION_CANDIDATES_MM3, Postprocess, default_postprocess, with_min_lesion_volume
+from .scoring import CONVENTIONS
 
 log = logging.getLogger(__name__)
 POSTPROCESSED = "ensemble+postprocess"
@@ -51,12 +52,15 @@ class EvalConfig:
     device: str | None = None
     report_to: str = "none"
     with_labels: bool = True
+    convention: str = "liverseg"  # "lits": also the LiTS challenge scorer's figures (lits_official)
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:
             raise ConfigError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_CHOICES)}")
         if self.batch_size < 1:
             raise ConfigError("batch size must be >= 1")
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"unknown convention {self.convention!r}; valid: {', '.join(CONVENTIONS)}")
         object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +73,7 @@ class CaseResult:
 
     case: str
     scores: dict[str, dict] = field(default_factory=dict)  # variant → lits.score_case(...)
+    official: dict[str, dict] = field(default_factory=dict)  # variant → lits_official.score_case(...), if lits
     seconds: dict[str, float] = field(default_factory=dict)
     panel: dict | None = None  # the slice with the most liver, for best/median/worst panels
     tumour_panel: dict | None = None  # the slice with the most tumour
@@ -178,6 +183,9 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     if truth is not None:
         tick = time.perf_counter()
         result.scores = {name: lits.score_case(labels, truth, spacing) for name, labels in variants.items()}
+        if config.convention == "lits":
+            result.official = {name: lits_official.score_case(labels, truth, spacing)
+                               for name, labels in variants.items()}
         result.seconds["metrics"] = time.perf_counter() - tick
         tick = time.perf_counter()
         result.oracle_dice = oracle.case_oracle_dice(truth, image, spacing)  # the image loaded above
@@ -322,7 +330,11 @@ def build_summary(results: list[CaseResult], failed: list[dict], members: list[M
                   config: EvalConfig, postprocess: Postprocess) -> dict:
     oracle_dice = [r.oracle_dice for r in results]
     variants = {v: lits.aggregate([r.scores[v] for r in results], oracle_dice) for v in variants_of(members)}
-    return {"variants": variants, "cases": len(results), "failed": failed,
+    official = {}
+    if config.convention == "lits":  # the challenge's figures under its own names (docs/METRICS.md)
+        official = {"lits_official": {v: lits_official.aggregate([r.official[v] for r in results])
+                                      for v in variants_of(members)}}
+    return {"variants": variants, **official, "cases": len(results), "failed": failed,
             "oracle": {"min_cm3": oracle.VISIBLE_MIN_CM3, "min_hu": oracle.VISIBLE_MIN_HU},
             "timings": timings(results), "config": config.to_dict(),
             "checkpoints": {m.name: str(m.path) for m in members},
@@ -361,7 +373,8 @@ def write_outputs(results: list[CaseResult], failed: list[dict], members: list[M
     report.write_csv(rows, out / "metrics.csv")
     write_json(out / "summary.json", summary)
     write_json(out / "cases.json", {r.case: {"scores": r.scores, "oracle_dice": r.oracle_dice,
-                                             "seconds": r.seconds, "prediction": r.prediction}
+                                             "seconds": r.seconds, "prediction": r.prediction,
+                                             **({"lits_official": r.official} if r.official else {})}
                                     for r in results})
     charts = report.write_charts(rows, summary, out / "charts")
     panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{slug(p['title'])}.png")

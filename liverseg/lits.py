@@ -20,6 +20,7 @@ from scipy.spatial import cKDTree
 METRICS = ("dice", "iou", "accuracy", "precision", "recall", "voe", "rvd", "assd", "mssd", "hd95")
 COUNTS = ("tp", "fp", "fn", "tn", "pred_voxels", "ref_voxels")
 LIVER, TUMOUR = 1, 2
+SURFACE_CONNECTIVITY = 6  # liverseg's surface: a voxel with a face neighbour outside (the LiTS scorer: 18)
 LESION_CONNECTIVITY = 6  # LiTS counts lesions as 6-connected components (scipy.ndimage.label's default)
 # by equivalent-sphere diameter (issue #17): below RECIST's 10 mm measurable size, up to 2 cm, larger
 SIZE_BINS = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, math.inf, ">=20 mm"))
@@ -56,18 +57,28 @@ def union_box(*boxes: Box | None) -> Box | None:
 
 # --------------------------------------------------------------------------- surfaces
 
-def surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with a 6-neighbour outside it; voxels on the array border are
-    surface (the outside counts as background), as with MONAI's get_mask_edges and medpy."""
+def neighbour_offsets(connectivity: int) -> list[tuple[int, int, int]]:
+    """The 6, 18 or 26 voxel offsets of that 3D neighbourhood: faces; faces and edges (a
+    3 × 3 × 3 cube without its 8 corners); faces, edges and corners."""
+    reach = {6: 1, 18: 2, 26: 3}
+    if connectivity not in reach:
+        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity}")
+    return [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if 0 < abs(dz) + abs(dy) + abs(dx) <= reach[connectivity]]
+
+
+def surface(mask: np.ndarray, connectivity: int = SURFACE_CONNECTIVITY) -> np.ndarray:
+    """Voxels of ``mask`` with a neighbour outside it (6-neighbours by default; 18 or 26):
+    the mask minus its erosion by that neighbourhood. Voxels on the array border are
+    surface (the outside counts as background), as with MONAI's get_mask_edges, medpy and
+    scipy's binary_erosion."""
     interior = np.zeros_like(mask)
     core = (slice(1, -1),) * 3
     inner = interior[core]
     np.copyto(inner, mask[core])
-    for axis in range(3):
-        for lo, hi in ((0, -2), (2, None)):
-            shifted = [slice(1, -1)] * 3
-            shifted[axis] = slice(lo, hi)
-            inner &= mask[tuple(shifted)]
+    n = mask.shape
+    for offset in neighbour_offsets(connectivity):
+        inner &= mask[tuple(slice(1 + d, k - 1 + d) for d, k in zip(offset, n))]
     return mask & ~interior
 
 
@@ -132,17 +143,20 @@ def _directed(from_surf: np.ndarray, to_surf: np.ndarray, spacing: Sequence[floa
     return out
 
 
-def _surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+def _surface_distances(pred: np.ndarray, ref: np.ndarray, spacing, connectivity: int = SURFACE_CONNECTIVITY
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """surface_distances of two masks already cropped (each face zero or the array border)."""
-    sp, sr = surface(pred), surface(ref)
+    sp, sr = surface(pred, connectivity), surface(ref, connectivity)
     return _directed(sp, sr, spacing), _directed(sr, sp, spacing)
 
 
-def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing, connectivity: int = SURFACE_CONNECTIVITY
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Distances in mm from every surface voxel of pred to the surface of ref, and from ref's
     to pred's (surface voxels in C order).
 
-    A surface voxel has a 6-neighbour outside the mask; the array border counts as outside.
+    A surface voxel has a neighbour outside the mask (6-neighbours, or ``connectivity`` 18
+    or 26, see surface); the array border counts as outside.
     Distances to an empty mask are NaN (one per surface voxel); both empty gives two empty
     arrays.
     """
@@ -150,7 +164,7 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.nd
     box = union_box(bounding_box(pred, 1), bounding_box(ref, 1))
     if box is None:
         return np.zeros(0), np.zeros(0)
-    return _surface_distances(pred[box], ref[box], spacing)
+    return _surface_distances(pred[box], ref[box], spacing, connectivity)
 
 
 def distance_scores(d_pred: np.ndarray, d_ref: np.ndarray) -> dict[str, float]:
@@ -247,7 +261,7 @@ def binary_scores(pred: np.ndarray, ref: np.ndarray, spacing) -> dict[str, float
 
 # --------------------------------------------------------------------------- lesions
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def lesion_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labels, n = cc3d.connected_components(mask, connectivity=LESION_CONNECTIVITY, return_N=True)
     return labels, int(n)
 
@@ -288,7 +302,7 @@ def lesion_detection(pred_tumour: np.ndarray, ref_tumour: np.ndarray, spacing) -
     box = union_box(bounding_box(pred), bounding_box(ref))
     if box is None:
         return {"tp": 0, "fp": 0, "fn": 0, "lesions": [], "pred_lesions": 0, "ref_lesions": 0}
-    (ref_lab, n_ref), (pred_lab, n_pred) = _components(ref[box]), _components(pred[box])
+    (ref_lab, n_ref), (pred_lab, n_pred) = lesion_components(ref[box]), lesion_components(pred[box])
     ref_group, pred_group, n_groups, overlap = _lesion_groups(ref_lab, n_ref, pred_lab, n_pred)
     ref_size = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)[1:]
     pred_size = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)[1:]
