@@ -210,7 +210,7 @@ def plan(config: BuildConfig) -> Plan:
     sources, rejected = discover(config.inputs)
     if not sources:
         raise ShardgenError("no cases found under " + ", ".join(map(str, config.inputs))
-                            + " (expected volume-N.nii[.gz] files or an MSD dataset.json)")
+                            + " (expected volume-N.nii[.gz] files, an MSD dataset.json or DICOM series folders)")
     ids = [s.case for s in sources]
     rule = split_rule(config.fractions, config.seed, config.split_file, ids)
     mine = [s for i, s in enumerate(sources) if i % config.num_nodes == config.node_rank]

@@ -1,8 +1,10 @@
-"""Finding cases on disk (LiTS and MSD Task03 layouts) and assigning them to splits by case."""
+"""Finding cases on disk (LiTS, MSD Task03, 3D-IRCADb and plain DICOM series folders) and
+assigning them to splits by case."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +19,10 @@ SPLITS = ("train", "val", "test")
 LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 NIFTI = re.compile(r"^(?!\._)(.+)\.nii(\.gz)?$")  # "._x" files are macOS resource forks
+IRCADB_IMAGE, IRCADB_MASKS = "PATIENT_DICOM", "MASKS_DICOM"
+IRCADB_LIVER, IRCADB_TUMOURS = "liver", "livertumor*"  # mask series inside MASKS_DICOM
+NOT_DICOM_SLICES = {"DICOMDIR"}  # an index of a disc's files, not an image
+SERIES_LABELS = ("segmentation.nii.gz", "segmentation.nii")  # a plain series' label, in its folder
 # Case ids name shard files, which reach a shell through `pipe:` shard locations: nothing
 # a shell or a command line reads specially (no leading '-' either, an option to `cat`).
 SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -52,6 +58,7 @@ def discover(inputs: Iterable[str | Path]) -> tuple[list[CaseSource], list[Rejec
         for msd in msd_roots:
             found.extend(discover_msd(msd))
         found.extend(discover_lits(root, exclude=msd_roots))
+        found.extend(discover_dicom(root, exclude=msd_roots))
     cases, rejected = deduplicate([s for s in found if is_safe_id(s.case)])
     return cases, [unsafe_id(s) for s in found if not is_safe_id(s.case)] + rejected
 
@@ -90,6 +97,46 @@ def discover_msd(root: Path) -> list[CaseSource]:
                  if NIFTI.match(p.name)]
     return [CaseSource(case_id(image), image, label if label.exists() else None)
             for image, label in pairs]
+
+
+def discover_dicom(root: Path, exclude: list[Path] = ()) -> list[CaseSource]:  # type: ignore[assignment]
+    """DICOM layouts, each case named after its folder:
+
+    - 3D-IRCADb: ``<patient>/PATIENT_DICOM/`` (image series) with ``<patient>/MASKS_DICOM/``
+      (``liver``, ``livertumor*`` mask series) as the label; nothing else under the patient
+      folder (LABELLED_DICOM, ...) is a case of its own;
+    - any other folder holding DICOM files: one series, labelled by a NIfTI
+      ``segmentation.nii[.gz]`` in the same folder on the series' voxel grid, if there is one.
+    """
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        subfolders.sort()
+        if any(here.is_relative_to(e) for e in exclude):
+            subfolders.clear()
+        elif IRCADB_IMAGE in subfolders:
+            masks = here / IRCADB_MASKS
+            found.append(CaseSource(here.name, here / IRCADB_IMAGE, masks if (masks / IRCADB_LIVER).is_dir() else None))
+            subfolders.clear()
+        elif any(is_dicom_file(here / f) for f in sorted(files) if not NIFTI.match(f)):
+            label = next((here / n for n in SERIES_LABELS if (here / n).is_file()), None)
+            found.append(CaseSource(here.name, here, label))
+    return found
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A Part-10 file (``DICM`` after the 128-byte preamble), or any ``*.dcm`` file; told
+    without pydicom, so that discovery of NIfTI trees never loads it."""
+    if path.name in NOT_DICOM_SLICES or path.name.startswith("._") or not path.is_file():
+        return False
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def case_id(path: Path) -> str:
