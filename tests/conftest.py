@@ -45,6 +45,16 @@ def write_blob_case(folder: Path, index: int, gz: bool = True, **kwargs) -> tupl
     return vol, seg
 
 
+def labels(shape, liver=(), tumour=()) -> np.ndarray:
+    """A label volume: 0, then 1 in each ``liver`` box, then 2 in each ``tumour`` box."""
+    out = np.zeros(shape, np.uint8)
+    for box in liver:
+        out[box] = 1
+    for box in tumour:
+        out[box] = 2
+    return out
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Six tiny phantom cases (64 px, 10-16 slices), shared by the tests that only read them."""

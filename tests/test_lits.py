@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import labels
 from liverseg import lits
 
 NAN = math.nan
@@ -281,13 +282,6 @@ def test_lesion_detection_agrees_with_naive_reference(seed):
 
 # --------------------------------------------------------------------------- cases and dataset
 
-def labels(shape, liver, tumour=()) -> np.ndarray:
-    out = np.zeros(shape, np.uint8)
-    for box in liver:
-        out[box] = 1
-    for box in tumour:
-        out[box] = 2
-    return out
 
 
 def test_score_case_classes_and_burden():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import labels
 from liverseg import lits
 from liverseg import lits_official as official
 from liverseg.scoring import read_pair
@@ -187,13 +188,6 @@ def test_segmentation_scores_of_a_cube_shifted_one_slice():
     assert got["rmsd"] == pytest.approx(np.sqrt(np.mean(both ** 2)))
 
 
-def labels(shape, liver=(), tumour=()) -> np.ndarray:
-    out = np.zeros(shape, np.uint8)
-    for box in liver:
-        out[box] = 1
-    for box in tumour:
-        out[box] = 2
-    return out
 
 
 REF = labels((10, 12, 12), liver=[np.s_[1:9, 1:11, 1:11]], tumour=[np.s_[3:6, 3:6, 3:6]])
