@@ -144,13 +144,16 @@ def manifest_without_paths(manifest: dict) -> dict:
 def test_shards_from_dicom_equal_shards_from_nifti(tmp_path):
     for i in (0, 1):
         blob_pair(tmp_path / "in", i)
-    phantom = make_phantom(0, seed=3, size=64, slices=(10, 16))  # stored L,P,I: reordered on reading
+    phantom = make_phantom(0, seed=3, size=64, slices=(10, 16))
     _write_nifti(tmp_path / "in" / "nifti" / "volume-7.nii.gz", phantom.volume, phantom.affine)
     _write_nifti(tmp_path / "in" / "nifti" / "segmentation-7.nii.gz", phantom.label, phantom.affine)
     write_series(tmp_path / "in" / "dicom" / "volume-7", phantom.volume, phantom.affine)
-    # the DICOM case's label is given on the series' voxel grid (slices along the normal)
-    flip = phantom.affine @ ornt.inv_ornt_aff(np.array([[0, 1], [1, 1], [2, -1]]), phantom.label.shape)
-    _write_nifti(tmp_path / "in" / "dicom" / "volume-7" / "segmentation.nii.gz", phantom.label[:, :, ::-1], flip)
+    # the DICOM case's label is given on the series' voxel grid (slices along the normal),
+    # whatever storage orientation the phantom drew
+    series = read_source(tmp_path / "in" / "dicom" / "volume-7")
+    transform = ornt.ornt_transform(ornt.io_orientation(phantom.affine), ornt.io_orientation(series.affine))
+    _write_nifti(tmp_path / "in" / "dicom" / "volume-7" / "segmentation.nii.gz",
+                 ornt.apply_orientation(phantom.label, transform), series.affine)
     settings = Preprocessing(size=32)
     nifti = build_shards(BuildConfig(inputs=(tmp_path / "in" / "nifti",), out=tmp_path / "a", preprocessing=settings))
     dicom = build_shards(BuildConfig(inputs=(tmp_path / "in" / "dicom",), out=tmp_path / "b", preprocessing=settings))

@@ -1,4 +1,4 @@
-"""Specification of the synthetic CT phantoms (shardgen/phantom.py), at small sizes."""
+"""Specification of the synthetic CT phantoms (shardgen/phantom/), at small sizes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import nibabel as nib
 import pytest
 from scipy import ndimage as ndi
 
-from shardgen import phantom
+from shardgen import phantom, stats
 from shardgen.orientation import canonical_spacing, from_canonical, to_canonical
 from shardgen.phantom import LIVER_TISSUES, TISSUE_CODES, make_phantom, write_phantoms
 
@@ -90,17 +90,46 @@ def test_spacing_ranges_and_affine_agree(index):
     p = make_phantom(index, **DEMO)
     thickness, row, col = p.spacing
     assert 0.6 * 512 / size <= row == col <= 0.9 * 512 / size
-    assert 0.7 <= thickness <= 5.0
+    # 24-48 slices cannot cover the liver at 5 mm: slices get as thick as needed, in 0.5 mm steps
+    assert thickness in phantom.scan._THICKNESSES or (thickness > 5.0 and thickness % 0.5 == 0)
+    assert 0.7 <= thickness <= 300.0 / (to_canonical(p.volume, p.affine).shape[0] - 1)
     assert canonical_spacing(p.affine) == pytest.approx(p.spacing)
+
+
+SCAN_CASES = [  # name, make_phantom keywords, standard thicknesses only
+    ("CPU demo (20-32 slices)", dict(size=64, slices=(20, 32)), False),
+    ("just enough slices at 15 mm", dict(size=48, slices=(18, 18)), False),
+    ("default slice counts", dict(size=32, slices=(80, 200)), True),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, standard", SCAN_CASES, ids=[c[0] for c in SCAN_CASES])
+def test_the_scan_covers_the_whole_liver_with_a_margin(name, kwargs, standard):
+    """Like a clinical abdominal CT, whatever the slice count: no liver in the first and last
+    slices, yet liver in most slices (the margin is modest)."""
+    for i in range(6):
+        p = make_phantom(i, **kwargs)
+        label = canonical(p)[1]
+        in_slice = (label > 0).any(axis=(1, 2))
+        assert not in_slice[0] and not in_slice[-1], (i, p.spacing)
+        assert in_slice.mean() >= 0.5, (i, in_slice.mean())
+        assert (p.spacing[0] in phantom.scan._THICKNESSES) or not standard
+
+
+def test_too_few_slices_are_15_mm_thick_and_centred_on_the_liver():
+    for i in range(4):
+        p = make_phantom(i, size=48, slices=(6, 10))
+        in_slice = (canonical(p)[1] > 0).any(axis=(1, 2))
+        assert p.spacing[0] == 15.0 and in_slice.mean() >= 0.8, (i, in_slice)
 
 
 @pytest.mark.parametrize("axcodes, signs", [(("L", "P", "S"), (-1, -1, 1)), (("R", "A", "S"), (1, 1, 1)),
                                             (("L", "P", "I"), (-1, -1, -1))],
                          ids=["LPS (usual LiTS)", "RAS (flipped)", "LPI (flipped)"])
 def test_storage_orientation_round_trips_to_the_canonical_array(monkeypatch, axcodes, signs):
-    monkeypatch.setattr(phantom, "_STORAGE", ((axcodes, 1.0),))
+    monkeypatch.setattr(phantom.scan, "_STORAGE", ((axcodes, 1.0),))
     p = make_phantom(2, **TINY)
-    case = phantom._synthesise(2, 0, TINY["size"], TINY["slices"])
+    case = phantom.synthesis._synthesise(2, 0, TINY["size"], TINY["slices"])
     assert p.axcodes == axcodes
     assert np.sign(np.diag(p.affine)[:3]).tolist() == list(signs)
     assert nib.aff2axcodes(p.affine) == axcodes
@@ -124,11 +153,6 @@ def test_canonical_view_is_the_radiological_view(index):
     assert spine[1] > size / 2 and abs(spine[2] - size / 2) < size / 4
 
 
-def test_liver_is_in_nearly_every_slice_at_test_sizes():
-    fractions = [(canonical(make_phantom(i, **TINY))[1] > 0).any(axis=(1, 2)).mean() for i in range(8)]
-    assert np.mean(fractions) >= 0.9
-
-
 # ----------------------------------------------------------------------------- labels
 
 @pytest.mark.parametrize("index", [0, 2, 5])
@@ -144,7 +168,7 @@ def test_tumour_lies_only_where_the_liver_is(monkeypatch, index):
     """Lesions are clipped to the liver: the liver outline (labels 1 and 2 together) is
     exactly the outline of the same case generated without lesions."""
     with_lesions = make_phantom(index, **DEMO)
-    monkeypatch.setattr(phantom, "_sample_lesions", lambda *args: [])
+    monkeypatch.setattr(phantom.synthesis, "_sample_lesions", lambda *args: [])
     without = make_phantom(index, **DEMO)
     assert (with_lesions.label == 2).any()
     assert not (without.label == 2).any()
@@ -186,14 +210,28 @@ def test_intensity_alone_does_not_find_the_liver(demo_cases):
         assert (window & (p.label == 0)).sum() >= 0.1 * window.sum()
 
 
+def fine_noise(p: phantom.Phantom) -> float:
+    """SD of x minus its 3x3 in-plane mean in the homogeneous liver, 3 voxels from anything
+    else (vessels, lesions, the surface), as shardgen.stats measures liver noise."""
+    volume, _, tissue = canonical(p)
+    volume = volume.astype(np.float32)
+    core = ndi.binary_erosion(tissue == CODE["liver"], structure=np.ones((1, 3, 3)), iterations=3)
+    return float((volume - ndi.uniform_filter(volume, size=(1, 3, 3)))[core].std())
+
+
 def test_noise_in_homogeneous_liver_matches_the_drawn_level(demo_cases):
+    """At 2.4-3.6 mm pixels the noise is white: the 3x3 residual is sqrt(8/9) of its SD."""
     for p in demo_cases:
-        volume, _, tissue = canonical(p)
-        core = ndi.binary_erosion(tissue == CODE["liver"], structure=np.ones((1, 3, 3)), iterations=2)
-        core[[0, -1]] = False
-        std = volume[core].std()
-        assert 8 <= std <= 30
-        assert std == pytest.approx(p.noise_sd, rel=0.25)
+        assert fine_noise(p) == pytest.approx(p.noise_sd * np.sqrt(8 / 9), rel=0.1)
+
+
+def test_noise_scales_with_one_over_the_pixel_size():
+    """Same case, same dose, at 128 and 256 px: pixels half as wide, noise about twice
+    (real portal-venous CT: ~19 HU at 512^2, ~10 HU resampled to 256^2)."""
+    coarse, fine = (make_phantom(4, size=size, slices=(6, 6)) for size in (128, 256))
+    assert fine.spacing[1] == pytest.approx(coarse.spacing[1] / 2)
+    assert fine_noise(fine) / fine_noise(coarse) == pytest.approx(2.0, rel=0.15)
+    assert 14 * 0.75 / coarse.spacing[1] * 0.85 <= fine_noise(coarse) <= 25 * 0.75 / coarse.spacing[1] * 1.15
 
 
 # ----------------------------------------------------------------------------- lesions
@@ -202,10 +240,37 @@ def test_lesion_counts_and_sizes_vary_across_cases():
     cases = [make_phantom(i, seed=0, size=48, slices=(4, 6)) for i in range(24)]
     counts = [p.n_lesions for p in cases]
     diameters = [d for p in cases for d in p.lesion_diameters_mm]
-    assert counts.count(0) >= 2, counts
-    assert sum(c >= 3 for c in counts) >= 2, counts
-    assert min(diameters) < 8 and max(diameters) > 30, diameters
-    assert all(3 <= d <= 60 for d in diameters)
+    assert counts.count(0) >= 1, counts
+    assert sum(c <= 3 for c in counts if c) >= 4 and max(counts) >= 12, counts
+    assert min(diameters) < 8 and max(diameters) > 60, diameters
+    assert all(3 <= d <= 120 for d in diameters)
+
+
+CALIBRATION = [  # quantity, value from shardgen.stats.summarise, allowed range at 96 px
+    # (the full targets, on 200 cases at 256 px, are in docs/PHANTOMS.md; coarse pixels lose
+    # small lesions and blur contrast, and 24 cases leave sampling error)
+    ("tumour-free share (LiTS 10 %)", lambda s: s["tumour_free_fraction"], (0.02, 0.25)),
+    ("lesions per tumour case (LiTS 7.7)", lambda s: s["lesions_per_tumour_case"]["mean"], (3.5, 11.0)),
+    ("liver whole in z", lambda s: s["liver_whole_z_fraction"], (0.9, 1.0)),
+    ("median |contrast| HU", lambda s: s["contrast"]["median_abs_hu"], (30.0, 65.0)),
+    ("|contrast| under 20 HU", lambda s: s["contrast"]["fraction_below_20_hu"], (0.0, 0.3)),
+    ("hyperdense share", lambda s: s["contrast"]["fraction_hyperdense"], (0.02, 0.2)),
+    ("lesions over 60 mm", lambda s: s["diameter_fractions"][">60"], (0.02, 0.15)),
+]
+
+
+@pytest.fixture(scope="module")
+def calibration_summary() -> dict:
+    cases = []
+    for i in range(24):
+        p = make_phantom(i, seed=0, size=96, slices=(24, 32))
+        cases.append(stats.case_stats(*canonical(p)[:2], p.spacing))
+    return stats.summarise(cases)
+
+
+@pytest.mark.parametrize("name, value, bounds", CALIBRATION, ids=[c[0] for c in CALIBRATION])
+def test_lesion_statistics_stay_calibrated(calibration_summary, name, value, bounds):
+    assert bounds[0] <= value(calibration_summary) <= bounds[1], stats.format_table(calibration_summary)
 
 
 def test_lesions_are_visible_at_demo_size():
