@@ -70,7 +70,7 @@ def cpu_recipe(quick: bool) -> Recipe:
     # (fresh phantoms 0.50 / 0.48 per case against 0.48 / 0.46; docs/PERFORMANCE.md)
     return Recipe("cpu", cases=100, size=256, slices=(20, 32), encoder="tu-regnetx_002",
                   decoder_channels=(64, 32, 16, 16, 16), steps=460, batch_size=16, lr=2e-3,
-                  warmup_steps=40, val_every=460, oversample_tumour=2.0, minutes=8, crop=128, augment=0.0)
+                  warmup_steps=40, val_every=460, oversample_tumour=2.0, minutes=10, crop=128, augment=0.0)
 
 
 def gpu_recipe(quick: bool) -> Recipe:
