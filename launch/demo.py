@@ -230,7 +230,7 @@ def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | Non
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--cases", type=click.IntRange(min=5), default=None, help="Phantom cases [default: the recipe's].")
-@click.option("--quick", is_flag=True, help="A smaller recipe: a couple of minutes, a rougher model.")
+@click.option("--quick", is_flag=True, help="A smaller recipe: about 1.5 minutes on a CPU, a rougher model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
     """Phantoms → shards → U-Net + ResUNet → ensemble evaluation, end to end."""
