@@ -99,16 +99,21 @@ def nifti2_overflowing_dims(folder: Path, i: int) -> Path:
     return vol
 
 
+def patched_pair(folder: Path, i: int, edit) -> Path:
+    """A good case whose image and label headers both get ``edit`` (so their affines agree)."""
+    vol, seg = write_blob_case(folder, i)
+    for path in (vol, seg):
+        patch_header(path, edit)
+    return vol
+
+
 def zero_voxel_size(folder: Path, i: int) -> Path:
     """pixdim 0 and no sform or qform, in image and label alike (so their affines agree)."""
     def edit(h: nib.Nifti1Header) -> None:
         h["pixdim"][1:4] = 0
         h["qform_code"] = h["sform_code"] = 0
 
-    vol, seg = write_blob_case(folder, i)
-    for path in (vol, seg):
-        patch_header(path, edit)
-    return vol
+    return patched_pair(folder, i, edit)
 
 
 def infinite_intercept(folder: Path, i: int) -> Path:
@@ -122,10 +127,7 @@ def qform_not_a_rotation(folder: Path, i: int) -> Path:
     def edit(h: nib.Nifti1Header) -> None:
         h["qform_code"], h["sform_code"], h["quatern_b"] = 1, 0, 5.0
 
-    vol, seg = write_blob_case(folder, i)
-    for path in (vol, seg):
-        patch_header(path, edit)
-    return vol
+    return patched_pair(folder, i, edit)
 
 
 def forged_gzip_size(folder: Path, i: int) -> Path:
