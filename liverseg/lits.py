@@ -17,12 +17,15 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from shardgen.stats import CONNECTIVITY as LESION_CONNECTIVITY
+from shardgen.stats import equivalent_diameter
+
 METRICS = ("dice", "iou", "accuracy", "precision", "recall", "voe", "rvd", "assd", "mssd", "hd95")
 COUNTS = ("tp", "fp", "fn", "tn", "pred_voxels", "ref_voxels")
 LIVER, TUMOUR = 1, 2
 SURFACE_CONNECTIVITY = 6  # liverseg's surface: a voxel with a face neighbour outside (the LiTS scorer: 18)
-LESION_CONNECTIVITY = 6  # LiTS counts lesions as 6-connected components (scipy.ndimage.label's default)
-# by equivalent-sphere diameter (issue #17): below RECIST's 10 mm measurable size, up to 2 cm, larger
+# LESION_CONNECTIVITY (from shardgen.stats): LiTS counts lesions as 6-connected components
+# lesion size bins by equivalent-sphere diameter: below RECIST's 10 mm measurable size, up to 2 cm, larger
 SIZE_BINS = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, math.inf, ">=20 mm"))
 NAN = float("nan")
 
@@ -370,11 +373,6 @@ def _class_summary(scores: list[dict]) -> dict:
     summary: dict = {"dice_global": 2 * tp / size if size else 1.0}
     summary.update({m: _stats([s[m] for s in scores]) for m in METRICS})
     return summary
-
-
-def equivalent_diameter(volume_mm3: float) -> float:
-    """Diameter in mm of the sphere of that volume."""
-    return (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
 
 
 def _size_bins(lesions: list[dict]) -> list[dict]:

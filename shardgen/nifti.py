@@ -113,7 +113,7 @@ def gzip_read(path: Path, size: int, verify: bool) -> bytes:
 def inflate(path: Path, data: mmap.mmap, needed: int) -> bytes:
     """The first ``needed`` bytes of a gzip file (all the NIfTI header says it holds)."""
     # Sized from the NIfTI header, never from the gzip trailer: anyone can forge the
-    # trailer, and a 4 GiB one failed the allocation (issue #16). Deflate inflates at most
+    # trailer, and a 4 GiB one failed the allocation. Deflate inflates at most
     # 1032-fold, so a header asking for more describes a truncated file.
     if needed > len(data) * MAX_DEFLATE_RATIO:
         raise InvalidCase(path, f"truncated: the header needs {needed} bytes, more than "

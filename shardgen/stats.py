@@ -1,5 +1,5 @@
 """Lesion and image statistics of a LiTS-style folder (phantoms or real data), measured one
-way for both, so that the phantoms can be calibrated against LiTS (issue #17).
+way for both, so that the phantoms can be calibrated against LiTS.
 
 ``liverseg-shards stats DIR`` runs :func:`measure_folder`, :func:`summarise` and
 :func:`format_table`; ``launch/benchmark.py ceiling`` uses :func:`measure_lesions`.
@@ -43,9 +43,10 @@ class Lesion:
     iqr_hu: float | None  # interquartile HU range inside; None below MIN_MEASURABLE_VOXELS
 
 
-def equivalent_diameter(voxels: int, spacing) -> float:
-    volume = voxels * float(np.prod(spacing))
-    return (6.0 * volume / math.pi) ** (1.0 / 3.0)
+def equivalent_diameter(volume_mm3: float) -> float:
+    """Diameter in mm of the sphere of that volume (how lesion sizes are binned here and in
+    liverseg's scores)."""
+    return (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
 
 
 def measure_lesions(label: np.ndarray, image: np.ndarray, spacing) -> list[Lesion]:
@@ -75,7 +76,7 @@ def measure_lesions(label: np.ndarray, image: np.ndarray, spacing) -> list[Lesio
             background = whole_liver[0]
         lesions.append(Lesion(
             voxels=int(inside.size),
-            diameter_mm=equivalent_diameter(inside.size, spacing),
+            diameter_mm=equivalent_diameter(inside.size * float(np.prod(spacing))),
             contrast_hu=None if background is None else float(np.median(inside)) - background,
             iqr_hu=iqr(inside) if inside.size >= MIN_MEASURABLE_VOXELS else None))
     return lesions

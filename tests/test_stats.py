@@ -170,8 +170,9 @@ def test_equivalent_diameter_of_a_ball(radius_mm, spacing):
     shape = tuple(int(3 * radius_mm / s) for s in spacing)
     mask = ball(shape, spacing, tuple(n // 2 for n in shape), radius_mm)
     n = int(mask.sum())
-    assert equivalent_diameter(n, spacing) == pytest.approx((6 * n * np.prod(spacing) / math.pi) ** (1 / 3))
-    assert equivalent_diameter(n, spacing) == pytest.approx(2 * radius_mm, rel=0.08)
+    volume = n * np.prod(spacing)
+    assert equivalent_diameter(volume) == pytest.approx((6 * n * np.prod(spacing) / math.pi) ** (1 / 3))
+    assert equivalent_diameter(volume) == pytest.approx(2 * radius_mm, rel=0.08)
 
 
 @pytest.mark.parametrize("diameter, name", [(0.5, "<10"), (9.99, "<10"), (10.0, "10-20"), (19.99, "10-20"),
