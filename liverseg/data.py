@@ -126,8 +126,6 @@ class BadShards:
     it, ``skip`` leaves it out with a warning and counts it."""
 
     def __init__(self, policy: str):
-        if policy not in BAD_SHARD_POLICIES:
-            raise ConfigError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {policy!r}")
         self.policy = policy
         self.skipped = 0
 
@@ -273,7 +271,7 @@ class RoleBatches(torch.utils.data.IterableDataset):
     """The batches of the worker that plays ``role``, each with the information the main
     process keeps: the role, the cursor after the batch, the samples' keys and how many
     bad shards this role skipped so far. A shard error under the ``fail`` policy becomes
-    an ``{"error": line}`` item, re-raised by the main process in one line."""
+    an ``{"error": (shard, reason, member)}`` item, re-raised by the main process."""
 
     def __init__(self, spec: StreamSpec, cursors: tuple[Cursor, ...], shift: int, skipped: tuple[int, ...]):
         self.spec, self.cursors, self.shift, self.skipped = spec, cursors, shift, skipped
@@ -293,7 +291,7 @@ class RoleBatches(torch.utils.data.IterableDataset):
                     yield (*collate(batch), info)
                     batch = []
         except ShardError as exc:
-            yield {"error": str(exc)}
+            yield {"error": (exc.shard, exc.reason, exc.member)}
 
 
 class TrainStream:
@@ -328,7 +326,7 @@ class TrainStream:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         item = next(self.batches)
         if "error" in item:
-            raise ShardError(*_split_error(item["error"]))
+            raise ShardError(*item["error"])
         images, masks, info = item
         role = info["role"]
         self.cursors[role] = Cursor(*info["cursor"])
@@ -351,11 +349,13 @@ class TrainStream:
                 "cursors": [[c.epoch, c.block, c.offset] for c in self.cursors]}
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if not valid_position(state):
+            raise ConfigError("the saved data position is not one this version of liverseg writes")
         saved = {k: state.get(k) for k in self.layout()}
         if saved != self.layout():
             # another world size, worker count or data: an exact continuation does not
             # exist; start the next pass instead of replaying the first one
-            epoch = max((c[0] for c in state.get("cursors", [[0]])), default=0) + 1
+            epoch = max((c[0] for c in state["cursors"]), default=0) + 1
             log.warning("the saved data position was made with %s, this run has %s: the stream "
                         "continues from pass %d, not from the exact sample", saved, self.layout(), epoch)
             self.cursors = [Cursor(epoch, 0, 0)] * self.spec.streams
@@ -365,9 +365,16 @@ class TrainStream:
         self.consumed = int(state["consumed"])
 
 
-def _split_error(line: str) -> tuple[str, str]:
-    shard, _, reason = line.partition(": ")
-    return shard, reason
+def valid_position(state: Any) -> bool:
+    """Whether ``state`` has the shape ``TrainStream.state()`` gives (a checkpoint's JSON,
+    checked before its numbers position a stream)."""
+    def counts(values: Any, width: int | None = None) -> bool:
+        return (isinstance(values, list) and (width is None or len(values) == width)
+                and all(type(v) is int and v >= 0 for v in values))
+
+    return (isinstance(state, dict) and type(state.get("consumed")) is int and state["consumed"] >= 0
+            and isinstance(state.get("cursors"), list) and all(counts(c, 3) for c in state["cursors"])
+            and counts(state.get("skipped")) and len(state["skipped"]) == len(state["cursors"]))
 
 
 @dataclass(frozen=True)
@@ -378,6 +385,10 @@ class LoaderSettings:
     oversample_tumour: float = 0.0
     seed: int = 0
     on_bad_shard: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.on_bad_shard not in BAD_SHARD_POLICIES:
+            raise ConfigError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {self.on_bad_shard!r}")
 
 
 def train_loader(source: ShardSource, context: int, settings: LoaderSettings, rank: int = 0,
@@ -391,7 +402,6 @@ def train_loader(source: ShardSource, context: int, settings: LoaderSettings, ra
                       context, settings.batch_size, max(1, settings.shuffle_buffer),
                       settings.oversample_tumour, settings.seed, rank, world, settings.workers,
                       settings.on_bad_shard)
-    BadShards(settings.on_bad_shard)  # checks the policy name in the calling process
     return TrainStream(spec, state)
 
 
@@ -420,7 +430,7 @@ class ValBatches(torch.utils.data.IterableDataset):
                         yield collate(batch)
                         batch = []
         except ShardError as exc:
-            yield {"error": str(exc)}
+            yield {"error": (exc.shard, exc.reason, exc.member)}
             return
         if batch:
             yield collate(batch)
@@ -437,5 +447,5 @@ def val_loader(source: ShardSource, context: int, batch_size: int, rank: int = 0
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
     for item in loader:
         if isinstance(item, dict):
-            raise ShardError(*_split_error(item["error"]))
+            raise ShardError(*item["error"])
         yield item

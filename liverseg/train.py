@@ -32,7 +32,8 @@ from shardgen.preprocess import Preprocessing
 from . import __version__
 from .augment import BatchAugment
 from .config import TrainConfig
-from .data import LoaderSettings, ShardSource, TrainStream, open_shards, train_loader, val_loader
+from .data import (LoaderSettings, ShardSource, TrainStream, open_shards, train_loader, val_loader,
+                   valid_position)
 from .errors import LiversegError
 from .losses import DiceCELoss
 from .metrics import confusion_matrix, dice, liver_tumour_from_matrix
@@ -206,9 +207,8 @@ def save_checkpoint(loop: Loop, state: TrainState, stream: TrainStream) -> Path:
     rank = acc.process_index
     write_json(partial / f"data_position_{rank}.json", stream.state())
     save_file({"generator": loop.generator.get_state()}, str(partial / f"rank_state_{rank}.safetensors"))
-    if acc.is_main_process:
-        if loop.ema is not None:
-            save_file(tensors_for_safetensors(loop.ema.state_dict()), str(partial / "ema.safetensors"))
+    if acc.is_main_process and loop.ema is not None:
+        save_file(tensors_for_safetensors(loop.ema.state_dict()), str(partial / "ema.safetensors"))
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_json(partial / STATE_FILE, state.to_dict())  # last: its presence marks the folder complete
@@ -254,6 +254,8 @@ def resume(loop: Loop, path: Path) -> tuple[TrainState, dict[str, Any]]:
     state = TrainState.from_dict(read_json(path / STATE_FILE), path / STATE_FILE)
     rank = acc.process_index
     position = read_json(path / f"data_position_{rank}.json")
+    if not valid_position(position):
+        raise LiversegError(f"{path / f'data_position_{rank}.json'}: not a data position written by liverseg")
     try:
         # Accelerate ignores RNG states it cannot read; resuming exactly needs them
         accelerate_load(path / f"random_states_{rank}.pkl")
@@ -479,10 +481,8 @@ def start(loop: Loop, source: ShardSource, preprocessing: Preprocessing) -> tupl
     elif cfg.resume is not None:
         acc.print("no checkpoint to resume from: starting at step 0")
     if acc.is_main_process:
-        for log_file in (cfg.run_dir / HISTORY, trace_path(cfg.run_dir, None)):
-            forget_after(log_file, state.step)
-    if acc.process_index != 0:
-        forget_after(trace_path(cfg.run_dir, acc.process_index), state.step)
+        forget_after(cfg.run_dir / HISTORY, state.step)
+    forget_after(trace_path(cfg.run_dir, acc.process_index), state.step)
     settings = LoaderSettings(cfg.batch_size, cfg.workers, cfg.shuffle_buffer, cfg.oversample_tumour,
                               cfg.seed, cfg.on_bad_shard)
     stream = train_loader(source, preprocessing.context, settings, acc.process_index, acc.num_processes,
@@ -493,7 +493,7 @@ def start(loop: Loop, source: ShardSource, preprocessing: Preprocessing) -> tupl
 HISTORY = "history.jsonl"
 
 
-def trace_path(run_dir: Path, rank: int | None) -> Path:
+def trace_path(run_dir: Path, rank: int) -> Path:
     """samples.jsonl (rank 0) or samples-rank-R.jsonl: the sample keys of every step."""
     return run_dir / ("samples.jsonl" if not rank else f"samples-rank-{rank}.jsonl")
 

@@ -180,3 +180,17 @@ def test_a_folder_without_its_state_is_not_resumed_from(shards, tmp_path):
     with pytest.raises(LiversegError, match="not a complete liverseg checkpoint"):
         train(config)
     assert complete_checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("text", ['{"consumed": "9"}', '[1, 2]', '{"consumed": 9, "cursors": [[0, 1]], "skipped": [0]}'])
+def test_a_malformed_data_position_is_one_line_naming_the_file(shards, uninterrupted, tmp_path, text):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    folder = complete_checkpoints(run)[-1]
+    (folder / "data_position_0.json").write_text(text)
+    config = TrainConfig(shards=str(shards), out=str(run), encoder="resnet18", steps=STEPS + 1,
+                         batch_size=2, workers=0, resume="auto", seed=5)
+    with pytest.raises(LiversegError, match="data_position_0.json: not a data position written by liverseg"):
+        train(config)
