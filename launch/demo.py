@@ -1,7 +1,7 @@
 """The end-to-end demo behind ``bash launch/demo.sh``: CT phantoms → shards → a U-Net and a
 ResUNet → each and their ensemble evaluated on held-out phantom cases, postprocessed.
 
-    python launch/demo.py [--out demo-out] [--cases N] [--quick] [--device auto|cpu|cuda]
+    python launch/demo.py [--out demo-out] [--cases N] [--quick] [--device auto|cpu|cuda] [--seed S]
 
 A second run reuses what is already built (phantoms, shards, finished training runs).
 On a CPU it uses a small recipe (256² slices trained as 128² windows, regnetx_002 with a
@@ -130,12 +130,16 @@ def train_config(recipe: Recipe, arch: str, shards: Path, run: Path):
 
 
 def finished(run: Path, config) -> bool:
-    """A run already trained with exactly these settings."""
+    """A run already trained with exactly these settings, on the shards' training cases
+    (a rebuild that assigns the splits otherwise must not score a model on cases it saw)."""
     path = run / "last" / "config.json"
     if not path.exists():
         return False
     saved = json.loads(path.read_text())
-    return saved.get("step") == config.steps and saved.get("train") == json.loads(json.dumps(config.to_dict()))
+    manifest = json.loads((Path(config.shards) / "manifest.json").read_text())
+    train_cases = sorted({s["case"] for s in manifest["shards"] if s["split"] == "train"})
+    return (saved.get("step") == config.steps and saved.get("train_cases") == train_cases
+            and saved.get("train") == json.loads(json.dumps(config.to_dict())))
 
 
 def train_model(recipe: Recipe, arch: str, shards: Path, run: Path) -> Path:
@@ -232,7 +236,9 @@ def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | Non
 @click.option("--cases", type=click.IntRange(min=5), default=None, help="Phantom cases [default: the recipe's].")
 @click.option("--quick", is_flag=True, help="A smaller recipe: about 1.5 minutes on a CPU, a rougher model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the phantoms, the split and the training (another seed: other cases, other models).")
+def main(out: Path, cases: int | None, quick: bool, device: str, seed: int) -> None:
     """Phantoms → shards → U-Net + ResUNet → ensemble evaluation, end to end."""
     import torch
 
@@ -242,14 +248,13 @@ def main(out: Path, cases: int | None, quick: bool, device: str) -> None:
 
     gpu = torch.cuda.is_available() if device == "auto" else device == "cuda"
     recipe = gpu_recipe(quick) if gpu else cpu_recipe(quick)
-    if cases is not None:
-        recipe = dataclasses.replace(recipe, cases=cases)
+    recipe = dataclasses.replace(recipe, seed=seed, cases=recipe.cases if cases is None else cases)
     where = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()} CPU cores"
     click.echo(f"liverseg demo, recipe '{recipe.name}' on {where}: {recipe.cases} phantom cases at "
                f"{recipe.size}², U-Net and ResUNet ({recipe.encoder}, {recipe.steps} steps each); "
                f"about {recipe.minutes:g} minutes" + (" on an H100" if gpu else " on 2 cores") + f". Outputs in {out}/")
-    # one folder per recipe and case count: a run never reuses shards or models of another
-    base = out / f"{recipe.name}-{recipe.size}px-{recipe.cases}cases"
+    # one folder per recipe, case count and seed: a run never reuses shards or models of another
+    base = out / (f"{recipe.name}-{recipe.size}px-{recipe.cases}cases" + (f"-seed{seed}" if seed else ""))
     start = time.perf_counter()
     try:
         base.mkdir(parents=True, exist_ok=True)  # fail at once, not after minutes of work

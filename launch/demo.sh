@@ -4,7 +4,7 @@
 # postprocessed ensemble on held-out cases, and print the scores and the report's path.
 # A second run reuses what is already built.
 #
-#   bash launch/demo.sh [--out DIR] [--cases N] [--quick] [--device auto|cpu|cuda]
+#   bash launch/demo.sh [--out DIR] [--cases N] [--quick] [--device auto|cpu|cuda] [--seed S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . launch/python.sh

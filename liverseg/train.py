@@ -341,11 +341,14 @@ def scores(matrix: torch.Tensor) -> dict[str, float]:
 
 
 def export(accelerator: Accelerator, model: torch.nn.Module, config: TrainConfig, spec: ModelSpec,
-           preprocessing: Preprocessing, name: str, step: int, metrics: dict[str, float]) -> None:
-    """Write ``model`` (a plain module: ``Loop.weights``) as the checkpoint folder ``name``."""
+           source: ShardSource, preprocessing: Preprocessing, name: str, step: int,
+           metrics: dict[str, float]) -> None:
+    """Write ``model`` (a plain module: ``Loop.weights``) as the checkpoint folder ``name``;
+    its config names the cases it was trained on (``train_cases``)."""
     if accelerator.is_main_process:
         extra = {"preprocessing": preprocessing.to_dict(), "classes": list(CLASS_NAMES),
                  "train": config.to_dict(), "step": step, "metrics": metrics,
+                 "train_cases": sorted({s["case"] for s in source.shards("train")}),
                  "liverseg_version": __version__}
         export_checkpoint(model, spec, config.run_dir / name, extra)
     accelerator.wait_for_everyone()
@@ -544,11 +547,11 @@ def train(config: TrainConfig) -> TrainResult:
             log_overlays(acc, overlays, step)
             if metrics["val/dice_mean"] > state.best_score:
                 state.best_score, state.best = metrics["val/dice_mean"], {**metrics, "step": step}
-                export(acc, loop.weights, config, spec, preprocessing, "best", step, metrics)
+                export(acc, loop.weights, config, spec, source, preprocessing, "best", step, metrics)
         if step % config.save_every == 0 or step == config.steps:
             save_checkpoint(loop, state, batches)
     bar.close()
-    export(acc, loop.weights, config, spec, preprocessing, "last", state.step, metrics)
+    export(acc, loop.weights, config, spec, source, preprocessing, "last", state.step, metrics)
     acc.end_training()
     return TrainResult(state.step, state.best, metrics, state.skipped_steps, config.run_dir,
                        acc.process_index, acc.num_processes, batches.skipped_shards)

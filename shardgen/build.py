@@ -57,6 +57,7 @@ class BuildConfig:
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     split_file: Path | None = None
+    stratify: bool = True  # tumour-free cases spread over the splits in proportion
     workers: int = 1
     num_nodes: int = 1
     node_rank: int = 0
@@ -212,7 +213,7 @@ def plan(config: BuildConfig) -> Plan:
         raise ShardgenError("no cases found under " + ", ".join(map(str, config.inputs))
                             + " (expected volume-N.nii[.gz] files, an MSD dataset.json or DICOM series folders)")
     ids = [s.case for s in sources]
-    rule = split_rule(config.fractions, config.seed, config.split_file, ids)
+    rule = split_rule(config.fractions, config.seed, config.split_file, ids, config.stratify)
     mine = [s for i, s in enumerate(sources) if i % config.num_nodes == config.node_rank]
     return Plan(ids, mine, rejected, rule)
 
@@ -252,7 +253,7 @@ def write_manifest(config: BuildConfig, planned: Plan, records: list[dict[str, A
                    failed: list[Rejection]) -> BuildResult:
     """Assign splits over the cases not rejected (on this node) and write the manifest."""
     bad = {r.case for r in failed}
-    splits = apply_split_rule(planned.split_rule, [c for c in planned.cases if c not in bad])
+    splits = apply_split_rule(planned.split_rule, [c for c in planned.cases if c not in bad], records)
     records = [{**r, "split": splits[r["case"]]} for r in records]
     rejected = planned.rejected + failed
     manifest = assemble_manifest(records, rejected, splits, config.settings(), __version__,

@@ -112,6 +112,8 @@ def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int]
 @click.option("--split", "split_file", type=click.Path(path_type=Path), default=None,
               help='JSON split file: {"train": [ids], "val": [...], "test": [...]}.')
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the slice choice.")
+@click.option("--stratify/--no-stratify", default=True, show_default=True,
+              help="Spread tumour-free cases over train/val/test in proportion.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
 @click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Machines sharing the work (cases are partitioned).")
@@ -119,7 +121,7 @@ def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int]
 @click.option("--skip-bad", is_flag=True, help="Exit 0 even if some cases were rejected.")
 @friendly_errors
 def build(inputs, out, size, window, context, margin_mm, background_fraction, split_fractions,
-          split_file, seed, workers, num_nodes, node_rank, skip_bad) -> None:
+          split_file, seed, stratify, workers, num_nodes, node_rank, skip_bad) -> None:
     """Validate, preprocess and write cases as WebDataset shards (one per case) with a manifest.
 
     Re-running resumes: finished shards are kept, the rest are (re)written. Bad cases are
@@ -129,7 +131,7 @@ def build(inputs, out, size, window, context, margin_mm, background_fraction, sp
         inputs=tuple(inputs), out=out,
         preprocessing=Preprocessing(window=window, size=size, context=context),
         selection=Selection(margin_mm=margin_mm, background_fraction=background_fraction),
-        fractions=split_fractions, seed=seed, split_file=split_file, workers=workers,
+        fractions=split_fractions, seed=seed, split_file=split_file, stratify=stratify, workers=workers,
         num_nodes=num_nodes, node_rank=node_rank)
     with tqdm(desc="cases", unit="case") as bar:
         result = build_shards(config, on_case=lambda r: report_case(r, bar),

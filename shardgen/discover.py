@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,16 +163,23 @@ def natural_key(text: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def assign_splits(cases: list[str], fractions: tuple[float, float, float], seed: int
-                  ) -> dict[str, str]:
+def assign_splits(cases: list[str], fractions: tuple[float, float, float], seed: int,
+                  strata: Mapping[str, object] | None = None) -> dict[str, str]:
     """Case → split, by a seeded permutation of the sorted ids (never by slice).
 
     Validation and test get ``round(n * fraction)`` cases, at least one each when their
-    fraction is positive and there are enough cases; training gets the rest.
+    fraction is positive and there are enough cases; training gets the rest. With
+    ``strata`` (case → group, e.g. whether it holds tumour; a case not in it is a group of
+    its own kind), each group is spread over the splits in proportion to its size: the
+    permuted cases are ordered by their relative position within their group, so any
+    leading run of the order, and so each split, holds each group's share. The split sizes
+    are the same either way.
     """
     check_fractions(fractions)
     order = sorted(cases, key=natural_key)
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    if strata is not None:
+        order = stratified_order(order, [strata.get(c, "unknown") for c in order])
     n = len(order)
     counts = [round(n * f) if f == 0 or n < 3 else max(1, round(n * f)) for f in fractions[1:]]
     n_val, n_test = counts
@@ -181,28 +189,53 @@ def assign_splits(cases: list[str], fractions: tuple[float, float, float], seed:
     return splits
 
 
+def stratified_order(order: list[str], groups: list[object]) -> list[str]:
+    """``order`` interleaved by group: the k-th of a group of m sits at (k + 0.5) / m, ties
+    kept in ``order``'s sequence, so every prefix holds each group in proportion."""
+    sizes = Counter(groups)
+    seen: Counter = Counter()
+    keyed = []
+    for index, (case, group) in enumerate(zip(order, groups)):
+        keyed.append(((seen[group] + 0.5) / sizes[group], index, case))
+        seen[group] += 1
+    return [case for _, _, case in sorted(keyed)]
+
+
 def check_fractions(fractions: tuple[float, float, float]) -> None:
     if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
         raise ShardgenError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
 
 
 def split_rule(fractions: tuple[float, float, float], seed: int, split_file: Path | None,
-               cases: list[str]) -> dict[str, Any]:
+               cases: list[str], stratify: bool = True) -> dict[str, Any]:
     """How cases get their split: a seeded draw, or a split file's assignment of ``cases``
     (each must be named). Checked now, applied once the valid cases are known
     (:func:`apply_split_rule`), and recorded in the manifest so that ``merge`` can apply
-    it to the valid cases of all nodes together."""
+    it to the valid cases of all nodes together. ``stratify``: tumour-free cases are
+    spread over the splits in proportion (a test split without one cannot show whether
+    a model finds lesions where there are none)."""
     if split_file is not None:
         return {"file": str(split_file), "assignment": read_split_file(split_file, cases)}
     check_fractions(fractions)
-    return {"seed": seed, "fractions": list(fractions)}
+    rule: dict[str, Any] = {"seed": seed, "fractions": list(fractions)}
+    if stratify:
+        rule["stratify"] = "tumour"
+    return rule
 
 
-def apply_split_rule(rule: dict[str, Any], cases: list[str]) -> dict[str, str]:
-    """Case → split of ``cases`` (the valid ones: a rejected case takes no split's place)."""
+def apply_split_rule(rule: dict[str, Any], cases: list[str],
+                     records: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """Case → split of ``cases`` (the valid ones: a rejected case takes no split's place).
+    A stratified rule reads each case's ``tumour_slices`` from ``records`` (shard records);
+    a case without a record (another node's, before ``merge``) is a group of its own."""
     if "assignment" in rule:
         return {c: rule["assignment"][c] for c in cases}
-    return assign_splits(cases, tuple(rule["fractions"]), rule["seed"])  # type: ignore[arg-type]
+    strata = None
+    if rule.get("stratify") == "tumour":
+        strata = {r["case"]: r["tumour_slices"] > 0 for r in records or []}
+    elif rule.get("stratify") is not None:
+        raise ShardgenError(f"unknown split stratification {rule['stratify']!r} (known: 'tumour')")
+    return assign_splits(cases, tuple(rule["fractions"]), rule["seed"], strata)  # type: ignore[arg-type]
 
 
 def read_split_file(path: Path, cases: list[str]) -> dict[str, str]:

@@ -139,7 +139,7 @@ def merge_manifests(paths: list[Path], out: Path) -> dict[str, Any]:
     first = parts[0][1]
     # manifests written before split_rule existed: their (complete) assignment is the rule
     rule = first.get("split_rule") or {"assignment": first["split_assignment"]}
-    splits = apply_split_rule(rule, [r["case"] for r in records])
+    splits = apply_split_rule(rule, [r["case"] for r in records], records)
     records = [{**r, "split": splits[r["case"]]} for r in records]
     settings = {k: first[k] for k in ("preprocessing", "selection", "zstd_level")}
     merged = assemble_manifest(records, joined_rejections(parts), splits, settings,

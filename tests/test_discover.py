@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
-from shardgen.discover import assign_splits, discover
+from shardgen.discover import apply_split_rule, assign_splits, discover, split_rule
 from shardgen.errors import ShardgenError
 
 
@@ -107,3 +108,28 @@ def test_split_is_deterministic_and_independent_of_input_order():
 def test_bad_fractions_are_refused():
     with pytest.raises(ShardgenError, match="sum to 1"):
         assign_splits(["a"], (0.5, 0.1, 0.1), 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stratified_split_spreads_each_group_in_proportion(seed):
+    ids = [f"volume-{i}" for i in range(100)]
+    free = set(ids[::10])  # ten tumour-free cases
+    strata = {c: c in free for c in ids}
+    plain = assign_splits(ids, (0.7, 0.1, 0.2), seed)
+    splits = assign_splits(ids, (0.7, 0.1, 0.2), seed, strata)
+    count = Counter(splits.values())
+    assert count == Counter(plain.values()) == {"train": 70, "val": 10, "test": 20}
+    assert Counter(splits[c] for c in free) == {"train": 7, "val": 1, "test": 2}
+    assert assign_splits(ids[::-1], (0.7, 0.1, 0.2), seed, strata) == splits
+
+
+def test_a_stratified_rule_reads_tumour_presence_from_the_shard_records():
+    ids = [f"c{i}" for i in range(20)]
+    records = [{"case": c, "tumour_slices": 0 if i < 5 else 3} for i, c in enumerate(ids)]
+    rule = split_rule((0.6, 0.2, 0.2), 0, None, ids)
+    assert rule["stratify"] == "tumour"
+    splits = apply_split_rule(rule, ids, records)
+    assert Counter(splits[c] for c in ids[:5]) == {"train": 3, "val": 1, "test": 1}
+    assert "stratify" not in split_rule((0.6, 0.2, 0.2), 0, None, ids, stratify=False)
+    with pytest.raises(ShardgenError, match="unknown split stratification"):
+        apply_split_rule({**rule, "stratify": "size"}, ids, records)
