@@ -22,6 +22,8 @@ from pathlib import Path
 
 import click
 
+from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -67,7 +69,7 @@ def cpu_recipe(quick: bool) -> Recipe:
     # rises at the last step, so the 57 s three more of them took now train 80 more steps.
     # Random windows but no other augmentation: 460 steps show each slice about 4 times, too
     # few to overfit, and without the jitter both seeds scored higher on every measure
-    # (fresh phantoms 0.50 / 0.48 per case against 0.48 / 0.46; docs/PERFORMANCE.md)
+    # (fresh phantoms 0.50 / 0.48 per case against 0.48 / 0.46; docs/experiments/)
     return Recipe("cpu", cases=100, size=256, slices=(20, 32), encoder="tu-regnetx_002",
                   decoder_channels=(64, 32, 16, 16, 16), steps=460, batch_size=16, lr=2e-3,
                   warmup_steps=40, val_every=460, oversample_tumour=2.0, minutes=10, crop=128, augment=0.0)
@@ -214,7 +216,8 @@ def last_step(run: Path) -> int:
 
 def tune(checkpoints: list[Path], shards: Path, out: Path, device: str | None) -> Path:
     """The smallest-lesion cut-off of the postprocessing, chosen on the validation cases."""
-    from liverseg.evaluate import EvalConfig, tune_postprocess
+    from liverseg.config import EvalConfig
+    from liverseg.tune import tune_postprocess
 
     result = tune_postprocess(EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
                                          split="val", batch_size=32, device=device))
@@ -225,26 +228,26 @@ def tune(checkpoints: list[Path], shards: Path, out: Path, device: str | None) -
 
 
 def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | None, postprocess: str = "default"):
-    from liverseg.evaluate import EvalConfig, run_evaluation
+    from liverseg.config import EvalConfig
+    from liverseg.evaluate import run_evaluation
 
     return run_evaluation(EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
                                      split="test", batch_size=32, device=device, postprocess=postprocess))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--cases", type=click.IntRange(min=5), default=None, help="Phantom cases [default: the recipe's].")
 @click.option("--quick", is_flag=True, help="A smaller recipe: about 1.5 minutes on a CPU, a rougher model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the phantoms, the split and the training (another seed: other cases, other models).")
+@friendly_errors
 def main(out: Path, cases: int | None, quick: bool, device: str, seed: int) -> None:
     """Phantoms → shards → U-Net + ResUNet → ensemble evaluation, end to end."""
     import torch
 
-    from liverseg.errors import LiversegError
     from liverseg.eval_cli import print_table
-    from shardgen.errors import ShardgenError, os_error_line
 
     gpu = torch.cuda.is_available() if device == "auto" else device == "cuda"
     recipe = gpu_recipe(quick) if gpu else cpu_recipe(quick)
@@ -256,29 +259,24 @@ def main(out: Path, cases: int | None, quick: bool, device: str, seed: int) -> N
     # one folder per recipe, case count and seed: a run never reuses shards or models of another
     base = out / (f"{recipe.name}-{recipe.size}px-{recipe.cases}cases" + (f"-seed{seed}" if seed else ""))
     start = time.perf_counter()
-    try:
-        base.mkdir(parents=True, exist_ok=True)  # fail at once, not after minutes of work
-        stage("generating phantom CT cases", start)
-        make_phantoms(recipe, base / "phantoms")
-        stage("building shards", start)
-        make_shards(recipe, base / "phantoms", base / "shards")
-        if gpu:  # one GPU: one model after the other, each with the whole card
-            checkpoints = []
-            for arch in ("unet", "resunet"):
-                stage(f"training {arch}", start)
-                checkpoints.append(train_model(recipe, arch, base / "shards", base / "runs" / arch))
-        else:
-            stage("training unet and resunet side by side", start)
-            checkpoints = train_in_parallel(recipe, ["unet", "resunet"], base / "shards", base / "runs")
-        device = "cuda" if gpu else "cpu"
-        stage("choosing the postprocessing on the validation cases", start)
-        postprocess = tune(checkpoints, base / "shards", base / "tuning", device)
-        stage("evaluating each model, the ensemble and the postprocessed ensemble on held-out cases", start)
-        result = evaluate(checkpoints, base / "shards", base / "eval", device, str(postprocess))
-    except (LiversegError, ShardgenError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # an --out that cannot be written, a full disk: one line, no traceback
-        raise click.ClickException(os_error_line(exc)) from None
+    base.mkdir(parents=True, exist_ok=True)  # fail at once, not after minutes of work
+    stage("generating phantom CT cases", start)
+    make_phantoms(recipe, base / "phantoms")
+    stage("building shards", start)
+    make_shards(recipe, base / "phantoms", base / "shards")
+    if gpu:  # one GPU: one model after the other, each with the whole card
+        checkpoints = []
+        for arch in ("unet", "resunet"):
+            stage(f"training {arch}", start)
+            checkpoints.append(train_model(recipe, arch, base / "shards", base / "runs" / arch))
+    else:
+        stage("training unet and resunet side by side", start)
+        checkpoints = train_in_parallel(recipe, ["unet", "resunet"], base / "shards", base / "runs")
+    device = "cuda" if gpu else "cpu"
+    stage("choosing the postprocessing on the validation cases", start)
+    postprocess = tune(checkpoints, base / "shards", base / "tuning", device)
+    stage("evaluating each model, the ensemble and the postprocessed ensemble on held-out cases", start)
+    result = evaluate(checkpoints, base / "shards", base / "eval", device, str(postprocess))
     stage("done", start)
     print_table(result.summary)
     click.echo(f"report: {result.report}")

@@ -1,5 +1,6 @@
-"""TrainConfig and AugmentConfig: every training setting in frozen dataclasses, saved next
-to what they produced. No torch here, so `--help` and config checks stay fast."""
+"""TrainConfig, AugmentConfig and EvalConfig: every training and evaluation setting in
+frozen dataclasses, saved next to what they produced. No torch here, so `--help` and
+config checks stay fast; the CLIs read their defaults from these classes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from typing import Any
 
 import yaml
 
+from shardgen.settings import from_dict
+
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 REPORTERS = ("none", "wandb", "tensorboard")
 BAD_SHARD_POLICIES = ("fail", "skip")  # what training does with a shard it cannot read
 TTA_CHOICES = ("none", "flips")  # test-time augmentation of inference (liverseg.inference.flips)
+CONVENTIONS = ("liverseg", "lits")  # scores: liverseg's (docs/METRICS.md) or the LiTS challenge scorer's
+EVAL_REPORTERS = ("none", "wandb")
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,8 @@ class TrainConfig:
         if isinstance(self.decoder_channels, list):
             object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
         if isinstance(self.augment, dict):
-            object.__setattr__(self, "augment", AugmentConfig(**self.augment))
+            object.__setattr__(self, "augment", from_dict(AugmentConfig, self.augment, "augment settings",
+                                                          ConfigError))
 
     @property
     def run_dir(self) -> Path:
@@ -200,14 +206,55 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of settings")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown training settings {unknown}; valid: {sorted(known)}")
-    missing = [name for name in ("shards", "out") if name not in data]
-    if missing:
-        raise ConfigError(f"missing required settings {missing}")
-    try:
-        return TrainConfig(**data)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
+    return from_dict(TrainConfig, data, "training settings", ConfigError, required=("shards", "out"))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation (``liverseg-eval run``, ``predict``, ``tune``); written to
+    EVAL/config.json and summary.json."""
+
+    checkpoints: tuple[str, ...]
+    data: str
+    out: str
+    split: str = "test"
+    tta: str = "none"
+    postprocess: str = "default"
+    batch_size: int = 16
+    device: str | None = None
+    report_to: str = "none"
+    with_labels: bool = True
+    convention: str = "liverseg"  # "lits": also the LiTS challenge scorer's figures (lits_official)
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_CHOICES:
+            raise ConfigError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_CHOICES)}")
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be >= 1")
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"unknown convention {self.convention!r}; valid: {', '.join(CONVENTIONS)}")
+        if self.report_to not in EVAL_REPORTERS:
+            raise ConfigError(f"unknown report_to {self.report_to!r}; valid: {', '.join(EVAL_REPORTERS)}")
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of ``liverseg-eval score``. reference, predictions: folders of label maps
+    paired by case number; convention: "liverseg" (docs/METRICS.md) or "lits" (the
+    challenge's scorer); out: output folder."""
+
+    reference: str
+    predictions: str
+    out: str
+    convention: str = "liverseg"
+
+    def __post_init__(self) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"unknown convention {self.convention!r}; valid: {', '.join(CONVENTIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ pass over the rank's share. The loader is deliberately not passed through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import subprocess
@@ -32,11 +33,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from shardgen.errors import ShardError, ShardgenError
+from shardgen.errors import ShardError
 from shardgen.format import context_stream, decode_sample, read_samples
 from shardgen.manifest import MANIFEST, parse_manifest, read_manifest
+from shardgen.settings import default_of
 
-from .config import BAD_SHARD_POLICIES
+from .config import BAD_SHARD_POLICIES, TrainConfig
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,19 +72,16 @@ class ShardSource:
 def open_shards(location: str | Path) -> ShardSource:
     """Read the manifest of a shard folder, URL or ``pipe:`` template."""
     location = str(location)
-    try:
-        if location.startswith("pipe:"):
-            if "{}" not in location:
-                raise ConfigError(f"{location}: a pipe: location needs {{}} where the file name goes")
-            command = location.replace("{}", MANIFEST)[len("pipe:"):]
-            return ShardSource(location, parse_manifest(_run_pipe(command), location))
-        if "://" in location:
-            url = location.rstrip("/") + "/" + MANIFEST
-            return ShardSource(location, parse_manifest(_fetch(url), url))
-        folder = Path(location) if Path(location).is_dir() else Path(location).parent
-        return ShardSource(str(folder), read_manifest(location))
-    except ShardgenError as exc:
-        raise ConfigError(str(exc)) from None
+    if location.startswith("pipe:"):
+        if "{}" not in location:
+            raise ConfigError(f"{location}: a pipe: location needs {{}} where the file name goes")
+        command = location.replace("{}", MANIFEST)[len("pipe:"):]
+        return ShardSource(location, parse_manifest(_run_pipe(command), location))
+    if "://" in location:
+        url = location.rstrip("/") + "/" + MANIFEST
+        return ShardSource(location, parse_manifest(_fetch(url), url))
+    folder = Path(location) if Path(location).is_dir() else Path(location).parent
+    return ShardSource(str(folder), read_manifest(location))
 
 
 def _fetch(url: str) -> str:
@@ -379,12 +378,18 @@ def valid_position(state: Any) -> bool:
 
 @dataclass(frozen=True)
 class LoaderSettings:
-    batch_size: int = 8
-    workers: int = 2
-    shuffle_buffer: int = 500
-    oversample_tumour: float = 0.0
-    seed: int = 0
-    on_bad_shard: str = "fail"
+    """The training settings the loader reads; the defaults are TrainConfig's."""
+
+    batch_size: int = default_of(TrainConfig, "batch_size")
+    workers: int = default_of(TrainConfig, "workers")
+    shuffle_buffer: int = default_of(TrainConfig, "shuffle_buffer")
+    oversample_tumour: float = default_of(TrainConfig, "oversample_tumour")
+    seed: int = default_of(TrainConfig, "seed")
+    on_bad_shard: str = default_of(TrainConfig, "on_bad_shard")
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> LoaderSettings:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self) -> None:
         if self.on_bad_shard not in BAD_SHARD_POLICIES:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from shardgen.errors import ShardgenError
 
-class LiversegError(Exception):
+
+class LiversegError(ShardgenError):
     """Bad input or settings, explained in one line."""
 
 

@@ -11,40 +11,35 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
+from pathlib import Path
 
 import click
 
-from shardgen.errors import ShardgenError, os_error_line
+from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, verbose_option
+from shardgen.labels import SCORED_CLASSES
+from shardgen.settings import default_of
 
 # from the torch-free config module: importing inference pulls in torch, timm and smp
 # (about 6 s), which `--help` and a mistyped option should not wait for
-from .config import TTA_CHOICES
-from .errors import LiversegError
-
-# liverseg.scoring.CONVENTIONS, spelt out: importing scoring pulls in scipy and cc3d (~1 s)
-CONVENTIONS = ("liverseg", "lits")
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from .checkpoint import read_checkpoint_config
+from .config import CONVENTIONS, EVAL_REPORTERS, TTA_CHOICES, EvalConfig, ScoreConfig
+from .vocabulary import TABLE_METRICS
 
 
-def friendly_errors(command):
-    """Our own errors become one line (``Error: ...``, exit 1), never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (LiversegError, ShardgenError) as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(os_error_line(exc)) from None
-
-    return wrapper
+def default(name: str):
+    return default_of(EvalConfig, name)
 
 
-def shared_options(command=None, split: str = "test"):
+def checked(config: EvalConfig) -> EvalConfig:
+    """``config`` once every checkpoint folder is there with a valid config.json: a missing
+    or mistyped checkpoint is reported at once, before torch and smp load (seconds)."""
+    for path in config.checkpoints:
+        read_checkpoint_config(Path(path))
+    return config
+
+
+def shared_options(command=None, split: str = default("split")):
     if command is None:
         return functools.partial(shared_options, split=split)
     options = [
@@ -57,12 +52,13 @@ def shared_options(command=None, split: str = "test"):
         click.option("--split", default=split, show_default=True,
                      help="Which split of a shard manifest to evaluate."),
         click.option("--out", required=True, help="Output folder."),
-        click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
+        click.option("--tta", type=click.Choice(TTA_CHOICES), default=default("tta"), show_default=True,
                      help="Test-time augmentation: also average over the flips each checkpoint was trained "
                           "with (none for models trained without flip augmentation, the default)."),
-        click.option("--postprocess", default="default", show_default=True,
+        click.option("--postprocess", default=default("postprocess"), show_default=True,
                      help="default, none, or a JSON file of steps (docs/METRICS.md)."),
-        click.option("--batch-size", default=16, show_default=True, help="Slices per forward pass."),
+        click.option("--batch-size", default=default("batch_size"), show_default=True,
+                     help="Slices per forward pass."),
         click.option("--device", default=None, help="cuda, cuda:1, cpu  [default: the GPU if any]"),
     ]
     for option in reversed(options):
@@ -70,19 +66,17 @@ def shared_options(command=None, split: str = "test"):
     return command
 
 
-@click.group(context_settings=CONTEXT)
-@click.option("-v", "--verbose", is_flag=True, help="Log diagnostics to stderr.")
-def main(verbose: bool) -> None:
+@click.group(context_settings=CONTEXT_SETTINGS)
+@verbose_option
+def main() -> None:
     """Evaluate liver / tumour segmentation checkpoints the way LiTS scores them."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
 @shared_options
-@click.option("--report-to", type=click.Choice(["none", "wandb"]), default="none", show_default=True,
+@click.option("--report-to", type=click.Choice(EVAL_REPORTERS), default=default("report_to"), show_default=True,
               help="Also log to Weights & Biases (offline without an API key or network).")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default="liverseg", show_default=True,
+@click.option("--convention", type=click.Choice(CONVENTIONS), default=default("convention"), show_default=True,
               help="lits: also score every variant as the LiTS challenge scorer does (summary.json: "
                    "lits_official, under its names).")
 @friendly_errors
@@ -90,9 +84,10 @@ def run(report_to: str, **options) -> None:
     """Predict, postprocess and score labelled cases: each checkpoint, their ensemble and
     the postprocessed ensemble. Writes predictions/, metrics.csv, summary.json, charts/,
     panels/ and report.html into --out."""
-    from .evaluate import EvalConfig, run_evaluation
+    config = checked(EvalConfig(**options, report_to=report_to, with_labels=True))
+    from .evaluate import run_evaluation
 
-    result = run_evaluation(EvalConfig(**options, report_to=report_to, with_labels=True))
+    result = run_evaluation(config)
     if result.summary is not None:
         print_table(result.summary)
         print_official(result.summary.get("lits_official"))
@@ -106,9 +101,10 @@ def run(report_to: str, **options) -> None:
 def predict(**options) -> None:
     """Predict unlabelled cases (e.g. LiTS test-volume-N): writes predictions/ as uint8
     NIfTI (test-segmentation-N.nii) in each input's shape and affine."""
-    from .evaluate import EvalConfig, run_evaluation
+    config = checked(EvalConfig(**options, with_labels=False))
+    from .evaluate import run_evaluation
 
-    finish(run_evaluation(EvalConfig(**options, with_labels=False)))
+    finish(run_evaluation(config))
 
 
 @main.command()
@@ -120,9 +116,10 @@ def tune(**options) -> None:
     postprocess.json, to pass to `run --postprocess`, and tuning.json into --out. The
     --postprocess chain is the one tuned. Tune on validation cases, never on the test cases
     you report."""
-    from .evaluate import EvalConfig, tune_postprocess
+    config = checked(EvalConfig(**options, with_labels=True))
+    from .tune import tune_postprocess
 
-    result = tune_postprocess(EvalConfig(**options, with_labels=True))
+    result = tune_postprocess(config)
     if result.is_main:
         click.echo("min lesion volume (mm³)   mean tumour Dice per case")
         for volume, mean in result.mean_dice.items():
@@ -137,7 +134,8 @@ def tune(**options) -> None:
 @click.option("--predictions", required=True,
               help="Folder of predicted label maps: segmentation-N, test-segmentation-N or volume-N, "
                    "paired with the reference by N.")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default="liverseg", show_default=True,
+@click.option("--convention", type=click.Choice(CONVENTIONS), default=default_of(ScoreConfig, "convention"),
+              show_default=True,
               help="liverseg: liverseg's LiTS-style scores; lits: the LiTS challenge scorer's numbers "
                    "(docs/METRICS.md lists the differences).")
 @click.option("--out", required=True, help="Output folder.")
@@ -146,7 +144,7 @@ def score(**options) -> None:
     """Score existing predictions, without a model: writes scores.json (dataset figures;
     with --convention lits under the official scorer's names, and scores.txt), cases.json
     and cases.csv into --out."""
-    from .scoring import ScoreConfig, headline, score_folders
+    from .scoring import headline, score_folders
 
     config = ScoreConfig(**options)
     result = score_folders(config)
@@ -161,9 +159,9 @@ def print_table(summary: dict) -> None:
     the lesion scorecard, one column per variant."""
     from .report import scorecard_rows  # matplotlib: not for --help
 
-    metrics = ("dice", "iou", "precision", "recall", "assd")
+    metrics = TABLE_METRICS
     click.echo(f"{'class':<7} {'variant':<24}" + "".join(f"{m:>10}" for m in metrics))
-    for cls in ("liver", "tumour"):
+    for cls in SCORED_CLASSES:
         for variant, scores in summary["variants"].items():
             values = [scores[cls][m]["mean"] for m in metrics]
             cells = "".join(f"{v:>10.3f}" if v == v else f"{'–':>10}" for v in values)

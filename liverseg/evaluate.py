@@ -8,7 +8,6 @@ writes metrics.csv, summary.json, the charts, the panels and report.html.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -21,50 +20,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from shardgen.discover import CaseSource, discover, is_safe_id, natural_key, unsafe_id
-from shardgen.errors import InvalidCase, ShardgenError
-from shardgen.manifest import read_manifest, write_json_atomic
+from shardgen.discover import CaseSource, discover, discover_unlabelled, natural_key
+from shardgen.errors import InvalidCase
+from shardgen.io import write_json_atomic
+from shardgen.labels import SCORED_CLASSES
+from shardgen.manifest import read_manifest
 from shardgen.nifti import load_case, load_image
 
-from . import __version__, lits, lits_official, oracle, report
+from . import __version__, lits, lits_official, oracle, report, tracking
+from .config import EvalConfig
 from .errors import ConfigError
-from .inference import (ENSEMBLE, TTA_CHOICES, Member, load_members, predict_volume, prediction_name, tta_note,
-                        write_labels)
-from .postprocess import MIN_LESION_CANDIDATES_MM3, Postprocess, default_postprocess, with_min_lesion_volume
-from .scoring import CONVENTIONS
+from .inference import ENSEMBLE, Member, load_members, predict_volume, prediction_name, tta_note, write_labels
+from .postprocess import Postprocess, default_postprocess
+from .runtime import make_accelerator
+from .vocabulary import METRICS
 
 log = logging.getLogger(__name__)
 POSTPROCESSED = "ensemble+postprocess"
-CLASSES = ("liver", "tumour")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Settings of one evaluation; written to EVAL/config.json and summary.json."""
-
-    checkpoints: tuple[str, ...]
-    data: str
-    out: str
-    split: str = "test"
-    tta: str = "none"
-    postprocess: str = "default"
-    batch_size: int = 16
-    device: str | None = None
-    report_to: str = "none"
-    with_labels: bool = True
-    convention: str = "liverseg"  # "lits": also the LiTS challenge scorer's figures (lits_official)
-
-    def __post_init__(self) -> None:
-        if self.tta not in TTA_CHOICES:
-            raise ConfigError(f"unknown tta {self.tta!r}; valid: {', '.join(TTA_CHOICES)}")
-        if self.batch_size < 1:
-            raise ConfigError("batch size must be >= 1")
-        if self.convention not in CONVENTIONS:
-            raise ConfigError(f"unknown convention {self.convention!r}; valid: {', '.join(CONVENTIONS)}")
-        object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -93,41 +65,22 @@ def find_cases(data: str | Path, split: str, with_labels: bool) -> tuple[list[Ca
         return cases_from_manifest(manifest, split), []
     if not data.is_dir():
         raise ConfigError(f"{data}: no such folder or shard manifest")
-    try:
-        sources, rejected = discover([data])
-    except ShardgenError as exc:
-        raise ConfigError(str(exc)) from None
-    if not with_labels:
-        unlabelled = unlabelled_images(data, {s.case for s in sources})
-        sources += [s for s in unlabelled if is_safe_id(s.case)]
-        rejected += [unsafe_id(s) for s in unlabelled if not is_safe_id(s.case)]
+    sources, rejected = discover([data], unlabelled=not with_labels)
     failed = [{"case": r.case, "error": f"{r.file}: {r.reason}"} for r in rejected]
     if with_labels:
-        failed += [{"case": s.case, "error": f"{s.image}: missing label file"}
-                   for s in sources if s.label is None]
+        unlabelled = [s for s in sources if s.label is None]
         sources = [s for s in sources if s.label is not None]
+        if not sources and (unlabelled or discover_unlabelled(data)):
+            raise ConfigError(f"{data}: no image here has a label to score against; "
+                              "`liverseg-eval predict` predicts unlabelled images")
+        failed += [{"case": s.case, "error": f"{s.image}: missing label file"} for s in unlabelled]
     if not sources and not failed:
         raise ConfigError(f"{data}: no LiTS (volume-N.nii) or MSD Task03 cases found")
     return sorted(sources, key=lambda s: natural_key(s.case)), failed
 
 
-def unlabelled_images(root: Path, known: set[str]) -> list[CaseSource]:
-    """LiTS test volumes (test-volume-N) and MSD imagesTs files, which have no labels."""
-    found = [*root.rglob("test-volume-*.nii"), *root.rglob("test-volume-*.nii.gz"),
-             *root.rglob("imagesTs/*.nii"), *root.rglob("imagesTs/*.nii.gz")]
-    out = []
-    for path in sorted(set(found)):
-        case = path.name.removesuffix(".gz").removesuffix(".nii")
-        if case not in known and not case.startswith("._"):
-            out.append(CaseSource(case, path, None))
-    return out
-
-
 def cases_from_manifest(path: Path, split: str) -> list[CaseSource]:
-    try:
-        manifest = read_manifest(path)
-    except ShardgenError as exc:
-        raise ConfigError(str(exc)) from None
+    manifest = read_manifest(path)
     chosen = [(case, info) for case, info in manifest.get("cases", {}).items() if info["split"] == split]
     if not chosen:
         raise ConfigError(f"{path}: the manifest has no {split!r} cases")
@@ -169,7 +122,7 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     case = load_case(source.image, source.label) if config.with_labels else load_image(source.image)
     image, truth, affine, spacing = case.image, case.label, case.affine, case.spacing
     result.seconds["load"] = time.perf_counter() - start
-    prediction = predict_volume(members, image, device, config.batch_size, config.tta)
+    prediction = predict_volume(members, image, spacing, device, config.batch_size, config.tta)
     result.seconds.update({f"infer/{k}": v for k, v in prediction.seconds.items()})
     variants = dict(prediction.labels)
     tick = time.perf_counter()
@@ -205,13 +158,6 @@ def variant_seconds(result: CaseResult, variant: str, members: list[Member]) -> 
 
 
 # --------------------------------------------------------------------------- whole runs
-
-def make_accelerator():
-    from accelerate import Accelerator
-
-    # Without a GPU, CPU processes started by `accelerate launch` still form one group (gloo).
-    return Accelerator(cpu=not torch.cuda.is_available())
-
 
 def resolve_device(config: EvalConfig, accelerator) -> torch.device:
     if config.device is None:
@@ -258,7 +204,7 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     sources, failed = find_cases(config.data, config.split, config.with_labels)
     out = Path(config.out)
     if accelerator.is_main_process:
-        write_json(out / "config.json", config.to_dict())
+        write_json_atomic(out / "config.json", config.to_dict())
     results = map_cases(accelerator, sources, "cases",
                         lambda source: evaluate_case(source, members, postprocess, config, device),
                         lambda case, error: CaseResult(case, error=error))
@@ -269,8 +215,8 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     summary = report_path = None
     if config.with_labels and done:
         summary, report_path = write_outputs(done, failed, members, config, postprocess)
-    else:
-        write_json(out / "summary.json", {"cases": len(done), "failed": failed,
+    elif not config.with_labels:  # a run whose every case failed has no summary: the failures are printed
+        write_json_atomic(out / "summary.json", {"cases": len(done), "failed": failed,
                                           "predictions": [r.prediction for r in done],
                                           "timings": timings(done), "config": config.to_dict()})
     return EvalResult(out, len(done), failed, summary, report_path)
@@ -319,10 +265,10 @@ def metric_rows(results: list[CaseResult], members: list[Member]) -> list[dict]:
     for r in results:
         for variant in variants_of(members):
             seconds = variant_seconds(r, variant, members)
-            for cls in CLASSES:
+            for cls in SCORED_CLASSES:
                 scores = r.scores[variant][cls]
                 rows.append({"case": r.case, "variant": variant, "class": cls,
-                             **{m: float(scores[m]) for m in lits.METRICS}, "seconds": seconds})
+                             **{m: float(scores[m]) for m in METRICS}, "seconds": seconds})
     return rows
 
 
@@ -346,7 +292,7 @@ def pick_panels(results: list[CaseResult]) -> list[dict]:
     """Best, median and worst case by the postprocessed ensemble's liver + tumour Dice,
     and the slice with the largest tumour of all cases."""
     def score(r: CaseResult) -> float:
-        values = [r.scores[POSTPROCESSED][c]["dice"] for c in CLASSES]
+        values = [r.scores[POSTPROCESSED][c]["dice"] for c in SCORED_CLASSES]
         return float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else -1.0
 
     ranked = sorted(results, key=score, reverse=True)
@@ -371,121 +317,15 @@ def write_outputs(results: list[CaseResult], failed: list[dict], members: list[M
     rows = metric_rows(results, members)
     summary = build_summary(results, failed, members, config, postprocess)
     report.write_csv(rows, out / "metrics.csv")
-    write_json(out / "summary.json", summary)
-    write_json(out / "cases.json", {r.case: {"scores": r.scores, "oracle_dice": r.oracle_dice,
+    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "cases.json", {r.case: {"scores": r.scores, "oracle_dice": r.oracle_dice,
                                              "seconds": r.seconds, "prediction": r.prediction,
                                              **({"lits_official": r.official} if r.official else {})}
                                     for r in results})
     charts = report.write_charts(rows, summary, out / "charts")
-    panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{slug(p['title'])}.png")
+    panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{report.slug(p['title'])}.png")
               for i, p in enumerate(pick_panels(results))]
     html = report.write_html(summary, rows, charts, panels, out / "report.html")
     if config.report_to == "wandb":
-        report.log_wandb(summary, rows, charts, panels, out)
+        tracking.log_wandb(summary, rows, charts, panels, out)
     return summary, html
-
-
-# --------------------------------------------------------------------------- tuning
-
-def tumour_dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two tumour masks, 1 when both are empty (LiTS's per-case convention)."""
-    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
-
-
-def cutoff_dice(labels: np.ndarray, truth_tumour: np.ndarray, spacing, chains: dict[float, Postprocess]
-                ) -> dict[float, float]:
-    """Tumour Dice of one case's labels after each candidate chain."""
-    return {volume: tumour_dice(chain(labels, spacing) == 2, truth_tumour) for volume, chain in chains.items()}
-
-
-def choose_min_lesion_volume(means: dict[float, float]) -> float:
-    """The cut-off with the highest mean per-case tumour Dice (``means``: cut-off → mean);
-    of equal means (to 1e-9), the smallest, which removes the least."""
-    best = max(means.values())
-    return min(volume for volume, mean in means.items() if mean >= best - 1e-9)
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    postprocess: Path  # the chosen chain, for --postprocess
-    min_volume_mm3: float
-    mean_dice: dict[float, float]  # candidate → mean per-case tumour Dice
-    cases: int
-    failed: list[dict]
-    is_main: bool = True
-
-    @property
-    def out(self) -> Path:
-        return self.postprocess.parent
-
-
-def tune_postprocess(config: EvalConfig, candidates: tuple[float, ...] = MIN_LESION_CANDIDATES_MM3
-                     ) -> TuneResult:
-    """Choose the postprocessing's smallest-lesion cut-off on labelled cases (a validation
-    split, never the test cases): the ensemble predicts each case once, the chain
-    (``config.postprocess``) runs with every candidate ``min_volume_mm3``, and the one with
-    the best mean per-case tumour Dice wins. Writes OUT/postprocess.json (the chain, for
-    ``--postprocess``) and OUT/tuning.json (every candidate's Dice per case).
-
-    A small blob of tumour in a tumour-free case costs that case its whole tumour Dice
-    (1 → 0), while a lesion of that size that is really there adds little to a case's
-    Dice; where the balance lies depends on the model, so it is measured, not assumed.
-    """
-    if not candidates or any(v < 0 for v in candidates):
-        raise ConfigError(f"min lesion volume candidates must be >= 0 mm³, got {candidates}")
-    accelerator = make_accelerator()
-    device = resolve_device(config, accelerator)
-    members = ensemble_members(config, device)
-    base = load_postprocess(config.postprocess)
-    chains = {float(v): with_min_lesion_volume(base, v) for v in candidates}
-    sources, failed = find_cases(config.data, config.split, with_labels=True)
-
-    def score(source: CaseSource) -> dict:
-        case = load_case(source.image, source.label)
-        labels = predict_volume(members, case.image, device, config.batch_size, config.tta).labels
-        ensemble = labels[ENSEMBLE] if ENSEMBLE in labels else labels[members[0].name]
-        return {"case": source.case, "dice": cutoff_dice(ensemble, case.label == 2, case.spacing, chains)}
-
-    rows = map_cases(accelerator, sources, "tuning", score, lambda case, error: {"case": case, "error": error})
-    if not accelerator.is_main_process:
-        return TuneResult(Path(config.out) / "postprocess.json", math.nan, {}, len(rows), failed, is_main=False)
-    failed = failed + [{"case": r["case"], "error": r["error"]} for r in rows if "error" in r]
-    done = sorted((r for r in rows if "error" not in r), key=lambda r: natural_key(r["case"]))
-    if not done:
-        raise ConfigError(f"{config.data}: no {config.split!r} case could be used for tuning")
-    means = {volume: float(np.mean([r["dice"][volume] for r in done])) for volume in chains}
-    chosen = choose_min_lesion_volume(means)
-    out = Path(config.out)
-    write_json(out / "postprocess.json", chains[chosen].to_dict())
-    write_json(out / "tuning.json", {
-        "chosen_min_volume_mm3": chosen, "split": config.split, "config": config.to_dict(),
-        "mean_tumour_dice": {f"{v:g}": m for v, m in means.items()},
-        "cases": {r["case"]: {f"{v:g}": d for v, d in r["dice"].items()} for r in done}, "failed": failed})
-    return TuneResult(out / "postprocess.json", chosen, means, len(done), failed)
-
-
-def slug(text: str) -> str:
-    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
-    return "-".join(part for part in keep.split("-") if part)[:60]
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, plain(data))
-
-
-def plain(value: Any) -> Any:
-    """JSON-ready values: numpy scalars and arrays as Python ones, paths as text, and NaN or
-    inf (an undefined metric, see docs/METRICS.md) as null, since strict readers refuse NaN."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [plain(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) or math.isinf(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value

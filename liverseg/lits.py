@@ -17,73 +17,21 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from shardgen.labels import LIVER, TUMOUR
 from shardgen.stats import CONNECTIVITY as LESION_CONNECTIVITY
 from shardgen.stats import equivalent_diameter
 
-METRICS = ("dice", "iou", "accuracy", "precision", "recall", "voe", "rvd", "assd", "mssd", "hd95")
+from .morphology import bounding_box, surface, union_box
+from .vocabulary import METRICS, empty_score
+
 COUNTS = ("tp", "fp", "fn", "tn", "pred_voxels", "ref_voxels")
-LIVER, TUMOUR = 1, 2
 SURFACE_CONNECTIVITY = 6  # liverseg's surface: a voxel with a face neighbour outside (the LiTS scorer: 18)
 # LESION_CONNECTIVITY (from shardgen.stats): LiTS counts lesions as 6-connected components
 # lesion size bins by equivalent-sphere diameter: below RECIST's 10 mm measurable size, up to 2 cm, larger
 SIZE_BINS = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, math.inf, ">=20 mm"))
 NAN = float("nan")
 
-Box = tuple[slice, slice, slice]
-
-
-# --------------------------------------------------------------------------- cropping
-
-def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> Box | None:
-    """Slices of the smallest box holding every nonzero voxel, grown by ``margin`` voxels
-    per axis and clipped to the array; None for an all-zero array.
-
-    Two max-reductions at memory speed, not an argwhere; views are not copied.
-    """
-    a = mask.view(np.uint8) if mask.dtype == bool else mask
-    z = np.flatnonzero(a.max(axis=(1, 2)))
-    if z.size == 0:
-        return None
-    plane = a[z[0]:z[-1] + 1].max(axis=0)
-    y, x = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
-    margins = np.broadcast_to(np.asarray(margin, dtype=int), (3,))
-    return tuple(slice(max(int(v[0]) - m, 0), min(int(v[-1]) + 1 + m, n))
-                 for v, m, n in zip((z, y, x), margins, a.shape))
-
-
-def union_box(*boxes: Box | None) -> Box | None:
-    boxes = [b for b in boxes if b is not None]
-    if not boxes:
-        return None
-    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(3))
-
-
 # --------------------------------------------------------------------------- surfaces
-
-def neighbour_offsets(connectivity: int) -> list[tuple[int, int, int]]:
-    """The 6, 18 or 26 voxel offsets of that 3D neighbourhood: faces; faces and edges (a
-    3 × 3 × 3 cube without its 8 corners); faces, edges and corners."""
-    reach = {6: 1, 18: 2, 26: 3}
-    if connectivity not in reach:
-        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity}")
-    return [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-            if 0 < abs(dz) + abs(dy) + abs(dx) <= reach[connectivity]]
-
-
-def surface(mask: np.ndarray, connectivity: int = SURFACE_CONNECTIVITY) -> np.ndarray:
-    """Voxels of ``mask`` with a neighbour outside it (6-neighbours by default; 18 or 26):
-    the mask minus its erosion by that neighbourhood. Voxels on the array border are
-    surface (the outside counts as background), as with MONAI's get_mask_edges, medpy and
-    scipy's binary_erosion."""
-    interior = np.zeros_like(mask)
-    core = (slice(1, -1),) * 3
-    inner = interior[core]
-    np.copyto(inner, mask[core])
-    n = mask.shape
-    for offset in neighbour_offsets(connectivity):
-        inner &= mask[tuple(slice(1 + d, k - 1 + d) for d, k in zip(offset, n))]
-    return mask & ~interior
-
 
 def _points(surf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """(n, 3) coordinates in mm of the voxels of ``surf``."""
@@ -175,40 +123,52 @@ def distance_scores(d_pred: np.ndarray, d_ref: np.ndarray) -> dict[str, float]:
 
     assd = (Σd(pred→ref) + Σd(ref→pred)) / (|∂pred| + |∂ref|) (LiTS, Heimann et al.),
     mssd = the largest of both (symmetric Hausdorff), hd95 = 95th percentile (linear) of
-    both together (medpy's hd95). Both empty → 0; one empty → NaN.
+    both together (medpy's hd95). Empty masks: vocabulary.empty_score (both empty → 0;
+    one empty → NaN).
     """
     both = np.concatenate([d_pred, d_ref])
-    if both.size == 0:
-        return {"assd": 0.0, "mssd": 0.0, "hd95": 0.0}
-    if np.isnan(both).any():
-        return {"assd": NAN, "mssd": NAN, "hd95": NAN}
+    if both.size == 0 or np.isnan(both).any():  # no surface at all, or an empty side to measure to
+        return {m: empty_score(m, both_empty=both.size == 0) for m in DISTANCES}
     return {"assd": float(both.mean()), "mssd": float(both.max()), "hd95": float(np.percentile(both, 95))}
 
 
 # --------------------------------------------------------------------------- overlap scores
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den else NAN
+# Each score takes the counts of ``overlap_counts``; a zero denominator gives the
+# evaluation's empty-mask value (vocabulary.empty_score, docs/METRICS.md).
+
+def overlap_counts(pred: np.ndarray, ref: np.ndarray, total: int | None = None) -> dict[str, int]:
+    """tp, fp, fn, tn, pred_voxels, ref_voxels of two boolean masks; ``total`` is the
+    volume's voxel count when the masks are a crop of it."""
+    tp = int(np.count_nonzero(pred & ref))
+    npred, nref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    total = pred.size if total is None else total
+    return {"tp": tp, "fp": npred - tp, "fn": nref - tp, "tn": total - npred - nref + tp,
+            "pred_voxels": npred, "ref_voxels": nref}
+
+
+def _ratio(metric: str, num: float, den: float, c: dict) -> float:
+    return num / den if den else empty_score(metric, both_empty=c["pred_voxels"] == c["ref_voxels"] == 0)
 
 
 def dice(c: dict) -> float:
-    return _ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"])
+    return _ratio("dice", 2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"], c)
 
 
 def iou(c: dict) -> float:
-    return _ratio(c["tp"], c["tp"] + c["fp"] + c["fn"])
+    return _ratio("iou", c["tp"], c["tp"] + c["fp"] + c["fn"], c)
 
 
 def accuracy(c: dict) -> float:
-    return _ratio(c["tp"] + c["tn"], c["tp"] + c["fp"] + c["fn"] + c["tn"])
+    return _ratio("accuracy", c["tp"] + c["tn"], c["tp"] + c["fp"] + c["fn"] + c["tn"], c)
 
 
 def precision(c: dict) -> float:
-    return _ratio(c["tp"], c["tp"] + c["fp"])
+    return _ratio("precision", c["tp"], c["tp"] + c["fp"], c)
 
 
 def recall(c: dict) -> float:
-    return _ratio(c["tp"], c["tp"] + c["fn"])
+    return _ratio("recall", c["tp"], c["tp"] + c["fn"], c)
 
 
 def voe(c: dict) -> float:
@@ -216,13 +176,13 @@ def voe(c: dict) -> float:
 
 
 def rvd(c: dict) -> float:
-    return _ratio(c["pred_voxels"] - c["ref_voxels"], c["ref_voxels"])
+    return _ratio("rvd", c["pred_voxels"] - c["ref_voxels"], c["ref_voxels"], c)
 
 
 OVERLAP_SCORES: dict[str, Callable[[dict], float]] = {
     "dice": dice, "iou": iou, "accuracy": accuracy, "precision": precision, "recall": recall,
     "voe": voe, "rvd": rvd}
-BOTH_EMPTY = {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "voe": 0.0, "rvd": 0.0}
+DISTANCES = ("assd", "mssd", "hd95")  # from distance_scores
 
 
 def _check_masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -234,13 +194,9 @@ def _check_masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _binary_scores(pred: np.ndarray, ref: np.ndarray, spacing, total: int) -> dict[str, float]:
     """binary_scores of two cropped masks (faces zero or the array border) of a volume
     of ``total`` voxels."""
-    tp = int(np.count_nonzero(pred & ref))
-    npred, nref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
-    counts = {"tp": tp, "fp": npred - tp, "fn": nref - tp, "tn": total - npred - nref + tp,
-              "pred_voxels": npred, "ref_voxels": nref}
+    counts = overlap_counts(pred, ref, total)
     scores = {name: fn(counts) for name, fn in OVERLAP_SCORES.items()}
-    if npred == nref == 0:
-        scores.update(BOTH_EMPTY)
+    if counts["pred_voxels"] == counts["ref_voxels"] == 0:
         return {**scores, **distance_scores(np.zeros(0), np.zeros(0)), **counts}
     box = union_box(bounding_box(pred, 1), bounding_box(ref, 1))
     scores.update(distance_scores(*_surface_distances(pred[box], ref[box], spacing)))
@@ -375,6 +331,11 @@ def _class_summary(scores: list[dict]) -> dict:
     return summary
 
 
+def _fraction(part: float, whole: float) -> float:
+    """part / whole; NaN for nothing to count (an empty size bin, no lesions)."""
+    return part / whole if whole else NAN
+
+
 def _size_bins(lesions: list[dict]) -> list[dict]:
     """Per SIZE_BINS: reference lesions, found at IoU > 0.5 ("detected", "recall") and found
     at any overlap ("touched", "recall_any")."""
@@ -383,8 +344,8 @@ def _size_bins(lesions: list[dict]) -> list[dict]:
         inside = [lesion for lesion in lesions if lo <= equivalent_diameter(lesion["volume_mm3"]) < hi]
         found = sum(lesion["detected"] for lesion in inside)
         touched = sum(lesion["touched"] for lesion in inside)
-        out.append({"bin": name, "lesions": len(inside), "detected": found, "recall": _ratio(found, len(inside)),
-                    "touched": touched, "recall_any": _ratio(touched, len(inside))})
+        out.append({"bin": name, "lesions": len(inside), "detected": found, "recall": _fraction(found, len(inside)),
+                    "touched": touched, "recall_any": _fraction(touched, len(inside))})
     return out
 
 
@@ -392,7 +353,7 @@ def _tumour_free(detections: list[dict]) -> dict:
     """Cases without reference tumour, and those of them whose prediction has no tumour."""
     free = [d for d in detections if d["ref_lesions"] == 0]
     clean = sum(d["pred_lesions"] == 0 for d in free)
-    return {"cases": len(free), "without_false_lesion": clean, "fraction": _ratio(clean, len(free))}
+    return {"cases": len(free), "without_false_lesion": clean, "fraction": _fraction(clean, len(free))}
 
 
 def _detection_summary(detections: list[dict]) -> dict:
@@ -400,8 +361,8 @@ def _detection_summary(detections: list[dict]) -> dict:
     lesions = [lesion for d in detections for lesion in d["lesions"]]
     dices = [lesion["dice"] for lesion in lesions if lesion["detected"]]
     touched = sum(lesion["touched"] for lesion in lesions)
-    return {"tp": tp, "fp": fp, "fn": fn, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
-            "touched": touched, "recall_any": _ratio(touched, len(lesions)),
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": _fraction(tp, tp + fp), "recall": _fraction(tp, tp + fn),
+            "touched": touched, "recall_any": _fraction(touched, len(lesions)),
             "lesion_dice_mean": float(np.mean(dices)) if dices else NAN, "by_size": _size_bins(lesions),
             "tumour_free": _tumour_free(detections)}
 

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from shardgen.labels import LIVER, TUMOUR
+
 from . import lits
+from .morphology import bounding_box, union_box
 
 LARGE = 9001.0  # the scorer's value for what it cannot measure (no liver, no lesion detected)
 SURFACE_CONNECTIVITY = 18  # the scorer erodes with scipy's 18-neighbour structure
@@ -103,7 +106,7 @@ def lesion_detection(pred_tumour: np.ndarray, ref_tumour: np.ndarray, spacing) -
     TP and one FP, two lesions bridged by one prediction one TP and one FN. (The official
     code miscounts an undetected bridge and can take the wrong union; this does not:
     docs/METRICS.md.)"""
-    box = lits.union_box(lits.bounding_box(pred_tumour, 1), lits.bounding_box(ref_tumour, 1))
+    box = union_box(bounding_box(pred_tumour, 1), bounding_box(ref_tumour, 1))
     if box is None:
         return {"detection": {name: {"TP": 0, "FP": 0, "FN": 0} for name in THRESHOLDS},
                 "lesions_scored": [], "components": {"reference": 0, "prediction": 0}}
@@ -135,7 +138,7 @@ def _dice(inter: int, size: int) -> float:
 def tumour_burden(labels: np.ndarray) -> float:
     """|label 2| / |label ≥ 1|; 0 without liver (LiTS has no such case; the scorer divides by 0)."""
     liver = int(np.count_nonzero(labels))
-    return int(np.count_nonzero(labels == lits.TUMOUR)) / liver if liver else 0.0
+    return int(np.count_nonzero(labels == TUMOUR)) / liver if liver else 0.0
 
 
 def liver_scores(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[dict[str, float], dict[str, int]]:
@@ -144,10 +147,10 @@ def liver_scores(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[dict[str, 
     A prediction without any voxel labelled 1 is not measured (UNMEASURED: dice 0, the
     distances 9001) and adds I = 0, S = |reference liver|, even where its tumour lies on the
     reference liver."""
-    ref_liver = ref >= lits.LIVER
-    if not np.any(pred == lits.LIVER):
+    ref_liver = ref >= LIVER
+    if not np.any(pred == LIVER):
         return dict(UNMEASURED), {"I": 0, "S": int(np.count_nonzero(ref_liver))}
-    pred_liver = pred >= lits.LIVER
+    pred_liver = pred >= LIVER
     counts = {"I": int(np.count_nonzero(pred_liver & ref_liver)),
               "S": int(np.count_nonzero(pred_liver) + np.count_nonzero(ref_liver))}
     return segmentation_scores(pred_liver, ref_liver, spacing), counts
@@ -164,11 +167,11 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
         raise ValueError(f"pred {pred.shape} and ref {ref.shape} must be 3D label volumes of one shape")
     spacing = tuple(float(s) for s in spacing)
     liver, liver_counts = liver_scores(pred, ref, spacing)
-    pred_tumour, ref_tumour = pred == lits.TUMOUR, ref == lits.TUMOUR
+    pred_tumour, ref_tumour = pred == TUMOUR, ref == TUMOUR
     inter = int(np.count_nonzero(pred_tumour & ref_tumour))
     size = int(np.count_nonzero(pred_tumour) + np.count_nonzero(ref_tumour))
     lesions = lesion_detection(pred_tumour, ref_tumour, spacing)
-    pred_burden = tumour_burden(pred) if np.any(pred == lits.LIVER) else LARGE
+    pred_burden = tumour_burden(pred) if np.any(pred == LIVER) else LARGE
     return {"liver": liver, "liver_dice_per_case": liver["dice"], "lesion_dice_per_case": _dice(inter, size),
             "dice_global_counts": {"liver": liver_counts, "lesion": {"I": inter, "S": size}},
             **lesions, "tumor_burden_diff": tumour_burden(ref) - pred_burden}

@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 import torch
 
-CLASSES = 3  # 0 background, 1 liver, 2 tumour
-LIVER, TUMOUR = 1, 2
+from shardgen.labels import LIVER, NUM_CLASSES, TUMOUR
+
+from .vocabulary import empty_score
 
 
 # --------------------------------------------------------------------------- counting
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor,
-                     classes: int = CLASSES) -> torch.Tensor:
+                     classes: int = NUM_CLASSES) -> torch.Tensor:
     """(K, K) int64 pixel counts, rows = target label, columns = predicted label.
 
     `pred` and `target` hold labels in [0, classes) of the same shape; labels outside
@@ -43,7 +44,7 @@ def counts_from_matrix(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor,
-                     classes: int = CLASSES) -> torch.Tensor:
+                     classes: int = NUM_CLASSES) -> torch.Tensor:
     """(K, 4) int64 counts (tp, fp, fn, tn) per class, each class against all the others."""
     return counts_from_matrix(confusion_matrix(pred, target, classes))
 
@@ -67,58 +68,56 @@ def liver_tumour_from_matrix(matrix: torch.Tensor) -> torch.Tensor:
 
 def liver_tumour_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(2, 4) counts (tp, fp, fn, tn): row 0 liver (label ≥ 1), row 1 tumour (label 2)."""
-    return liver_tumour_from_matrix(confusion_matrix(pred, target, CLASSES))
+    return liver_tumour_from_matrix(confusion_matrix(pred, target, NUM_CLASSES))
 
 
 # --------------------------------------------------------------------------- scores
 # Each score takes counts (..., 4) and returns float32 (...). An empty denominator means
-# the class was absent where the score looks; it then scores 1 if the other side is empty
-# too (nothing there, nothing claimed: right) and 0 otherwise, so no NaN ever appears and
-# precision, recall and Dice agree on these corner cases:
-#   dice, iou    tp = fp = fn = 0                 → 1
-#   precision    nothing predicted (tp + fp = 0)  → 1 if fn = 0, else 0
-#   recall       nothing present  (tp + fn = 0)   → 1 if fp = 0, else 0
-#   accuracy     no pixels at all                 → 1
+# the class was absent where the score looks: vocabulary.empty_score's training rule
+# (docs/METRICS.md, "Empty masks") gives 1 when the other side is empty too (nothing
+# there, nothing claimed: right) and 0 otherwise, so no NaN ever appears.
 
 def _unpack(counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(counts[..., i].to(torch.float32) for i in range(4))
 
 
-def _ratio(numerator: torch.Tensor, denominator: torch.Tensor,
-           if_empty: torch.Tensor) -> torch.Tensor:
+def _ratio(metric: str, numerator: torch.Tensor, denominator: torch.Tensor,
+           both_empty: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, or the empty-mask value of ``metric`` where the
+    denominator is 0 (``both_empty``: whether the other side is empty as well)."""
+    if_empty = torch.where(both_empty, empty_score(metric, True, "training"), empty_score(metric, False, "training"))
     # clamp keeps the unused branch of torch.where finite, so no NaN reaches gradients or logs
-    return torch.where(denominator > 0, numerator / denominator.clamp(min=1),
-                       if_empty.to(torch.float32))
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), if_empty.to(torch.float32))
 
 
 def dice(counts: torch.Tensor) -> torch.Tensor:
     """2tp / (2tp + fp + fn); 1 when the class is absent from prediction and target."""
     tp, fp, fn, _ = _unpack(counts)
-    return _ratio(2 * tp, 2 * tp + fp + fn, torch.ones_like(tp))
+    return _ratio("dice", 2 * tp, 2 * tp + fp + fn, torch.ones_like(tp, dtype=torch.bool))
 
 
 def iou(counts: torch.Tensor) -> torch.Tensor:
     """tp / (tp + fp + fn), the Jaccard index; 1 when the class is absent from both."""
     tp, fp, fn, _ = _unpack(counts)
-    return _ratio(tp, tp + fp + fn, torch.ones_like(tp))
+    return _ratio("iou", tp, tp + fp + fn, torch.ones_like(tp, dtype=torch.bool))
 
 
 def precision(counts: torch.Tensor) -> torch.Tensor:
     """tp / (tp + fp); with nothing predicted, 1 if nothing was there either, else 0."""
     tp, fp, fn, _ = _unpack(counts)
-    return _ratio(tp, tp + fp, fn == 0)
+    return _ratio("precision", tp, tp + fp, fn == 0)
 
 
 def recall(counts: torch.Tensor) -> torch.Tensor:
     """tp / (tp + fn), the sensitivity; with nothing present, 1 if nothing was predicted."""
     tp, fp, fn, _ = _unpack(counts)
-    return _ratio(tp, tp + fn, fp == 0)
+    return _ratio("recall", tp, tp + fn, fp == 0)
 
 
 def accuracy(counts: torch.Tensor) -> torch.Tensor:
     """(tp + tn) / all pixels; 1 for no pixels."""
     tp, fp, fn, tn = _unpack(counts)
-    return _ratio(tp + tn, tp + fp + fn + tn, torch.ones_like(tp))
+    return _ratio("accuracy", tp + tn, tp + fp + fn + tn, torch.ones_like(tp, dtype=torch.bool))
 
 
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

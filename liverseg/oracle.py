@@ -3,7 +3,7 @@ reference lesions large and contrasted enough to be seen, and nothing else. It s
 a case's tumour Dice can be expected to reach (docs/METRICS.md, "Visible-lesion oracle").
 
 Lesions are measured by shardgen.stats.measure_lesions, the one implementation also behind
-``liverseg-shards stats`` and ``launch/benchmark.py ceiling``. No torch here.
+``liverseg-shards stats`` and ``python -m benchmarks.ceiling``. No torch here.
 """
 
 from __future__ import annotations

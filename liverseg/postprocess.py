@@ -21,92 +21,13 @@ import cc3d
 import numpy as np
 
 from .errors import ConfigError
-from .lits import LIVER, TUMOUR, Box, bounding_box
+from shardgen.labels import LIVER, TUMOUR
+from shardgen.settings import from_dict
+
+from .morphology import (Box, bounding_box, dilate, ellipsoid, erode, fill_holes, padded, separate_boxes,
+                         unpad)
 
 Spacing = Sequence[float]
-
-
-# --------------------------------------------------------------------------- morphology
-
-def ellipsoid(radius_mm: float, spacing: Spacing) -> np.ndarray:
-    """(n, 3) integer offsets (z, y, x) of the voxels within ``radius_mm`` of the centre."""
-    sp = np.asarray(spacing, dtype=float)
-    reach = np.floor(radius_mm / sp + 1e-9).astype(int)
-    grid = np.stack(np.meshgrid(*(np.arange(-r, r + 1) for r in reach), indexing="ij"), -1).reshape(-1, 3)
-    inside = ((grid * sp) ** 2).sum(axis=1) <= radius_mm ** 2 + 1e-9
-    return grid[inside]
-
-
-def _or_shifted(out: np.ndarray, src: np.ndarray, axis: int, k: int) -> None:
-    """out |= src moved by k voxels along axis (what moves past the edge is dropped)."""
-    if k == 0:
-        out |= src
-        return
-    to, fro = [slice(None)] * 3, [slice(None)] * 3
-    to[axis], fro[axis] = (slice(k, None), slice(None, -k)) if k > 0 else (slice(None, k), slice(-k, None))
-    out[tuple(to)] |= src[tuple(fro)]
-
-
-def _dilate_x(mask: np.ndarray, widths: set[int]) -> dict[int, np.ndarray]:
-    """mask dilated along x by [-w, w] for each w in widths, each grown from the last."""
-    out, current = {0: mask}, mask
-    for w in range(1, max(widths) + 1):
-        grown = current.copy()
-        _or_shifted(grown, mask, 2, w)
-        _or_shifted(grown, mask, 2, -w)
-        out[w] = current = grown
-    return out
-
-
-def dilate(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Binary dilation by a symmetric ellipsoid given by its offsets, as ORs of shifted
-    copies: x runs once per half-width, each (y) row once per distinct plane, each plane
-    once per z. Voxels outside the array count as background; pad before calling."""
-    rows: dict[int, dict[int, int]] = {}  # z → {y: half-width of the x run}
-    for dz, dy, dx in offsets.tolist():
-        plane = rows.setdefault(dz, {})
-        plane[dy] = max(plane.get(dy, 0), abs(dx))
-    by_width = _dilate_x(mask, {w for plane in rows.values() for w in plane.values()})
-    planes: dict[tuple, np.ndarray] = {}
-    out = np.zeros_like(mask)
-    for dz, plane in rows.items():
-        key = tuple(sorted(plane.items()))
-        if key not in planes:
-            planes[key] = np.zeros_like(mask)
-            for dy, w in plane.items():
-                _or_shifted(planes[key], by_width[w], 1, dy)
-        _or_shifted(out, planes[key], 0, dz)
-    return out
-
-
-def erode(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Binary erosion by a symmetric ellipsoid (outside the array counts as foreground)."""
-    return ~dilate(~mask, offsets)
-
-
-def _padded(mask: np.ndarray, reach: np.ndarray) -> np.ndarray:
-    """mask padded by ``reach`` voxels per axis, repeating its faces: an organ cut by the
-    array border is taken to go on past it. A face inside the volume is zero (boxes keep a
-    one-voxel margin), so there this is zero padding."""
-    return np.pad(mask, [(int(r), int(r)) for r in reach], mode="edge")
-
-
-def _unpad(mask: np.ndarray, reach: np.ndarray) -> np.ndarray:
-    return mask[tuple(slice(int(r), mask.shape[i] - int(r)) for i, r in enumerate(reach))]
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """mask with its holes filled: background (6-connected) not reaching the array faces."""
-    background, n = cc3d.connected_components(~mask, connectivity=6, return_N=True)
-    hole = np.ones(n + 1, bool)
-    hole[0] = False
-    for face in _faces(background):
-        hole[face] = False
-    return mask | hole[background]
-
-
-def _faces(a: np.ndarray) -> list[np.ndarray]:
-    return [a[0], a[-1], a[:, 0], a[:, -1], a[:, :, 0], a[:, :, -1]]
 
 
 # --------------------------------------------------------------------------- steps
@@ -146,36 +67,14 @@ def _liver_box(labels: np.ndarray) -> Box | None:
     return bounding_box(labels, 1)  # labels are 0, 1, 2: nonzero is label >= 1
 
 
-def _projections(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which z, y and x indices of ``a`` hold a nonzero voxel (two passes, as bounding_box)."""
-    z = a.max(axis=(1, 2))
-    plane = a.max(axis=0)
-    return z, plane.max(axis=1), plane.max(axis=0)
-
-
-def separate_boxes(labels: np.ndarray) -> list[Box]:
-    """Tight boxes of the nonzero voxels of ``labels``, split wherever a plane of zeros
-    separates them: a 26-connected component never crosses such a plane, so each box can
-    be labelled alone (a speck far from the liver no longer makes the liver's box huge)."""
-    first = bounding_box(labels)
-    done, todo = [], [first] if first is not None else []
-    while todo:
-        box = todo.pop()
-        for axis, occupied in enumerate(_projections(labels[box])):
-            index = np.flatnonzero(occupied)
-            cuts = np.flatnonzero(np.diff(index) > 1)
-            if cuts.size:
-                starts, stops = index[np.r_[0, cuts + 1]], index[np.r_[cuts, index.size - 1]] + 1
-                for lo, hi in zip(starts, stops):
-                    part = list(box)
-                    part[axis] = slice(box[axis].start + int(lo), box[axis].start + int(hi))
-                    inner = bounding_box(labels[tuple(part)])
-                    todo.append(tuple(slice(p.start + i.start, p.start + i.stop)
-                                      for p, i in zip(part, inner)))
-                break
-        else:
-            done.append(box)
-    return done
+def _liver_crop(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The view of ``labels`` inside the liver's box and its liver mask (label >= 1);
+    None without liver."""
+    box = _liver_box(labels)
+    if box is None:
+        return None
+    crop = labels[box]
+    return crop, crop >= LIVER
 
 
 @dataclass(frozen=True)
@@ -221,12 +120,9 @@ class FillLiverHoles(Step):
     name: ClassVar[str] = "fill_liver_holes"
 
     def apply_(self, labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
-        box = _liver_box(labels)
-        if box is None:
-            return
-        crop = labels[box]
-        liver = crop >= LIVER
-        crop[fill_holes(liver) & ~liver] = LIVER
+        if (found := _liver_crop(labels)) is not None:
+            crop, liver = found
+            crop[fill_holes(liver) & ~liver] = LIVER
 
 
 @dataclass(frozen=True)
@@ -240,14 +136,12 @@ class _Morphology(Step):
         raise NotImplementedError
 
     def apply_(self, labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
-        box = _liver_box(labels)
-        if box is None:
+        if (found := _liver_crop(labels)) is None:
             return
-        crop = labels[box]
-        liver = crop >= LIVER
+        crop, liver = found
         offsets = ellipsoid(self.radius_mm, spacing)
         reach = 2 * np.abs(offsets).max(axis=0) + 1  # room for both passes of opening/closing
-        result = _unpad(self._morph(_padded(liver, reach), offsets), reach)
+        result = unpad(self._morph(padded(liver, reach), offsets), reach)
         crop[liver & ~result] = 0
         crop[result & ~liver] = LIVER
 
@@ -322,8 +216,8 @@ class TumourInsideLiver(Step):
         inside = fill_holes(crop == LIVER)
         near = tuple(slice(max(s.start - r, 0), min(s.stop + r, n))
                      for s, r, n in zip(tbox, reach, crop.shape))
-        region = _padded(inside[near], reach)
-        near_liver = _unpad(dilate(region, offsets), reach)
+        region = padded(inside[near], reach)
+        near_liver = unpad(dilate(region, offsets), reach)
         local = crop[near]
         local[(local == TUMOUR) & ~near_liver] = 0
 
@@ -393,14 +287,9 @@ def create_step(spec: dict[str, Any], source: str = "postprocess config") -> Ste
     if cls is None:
         raise ConfigError(f"{source}: unknown postprocessing step {spec['name']!r}; "
                           f"valid names: {', '.join(STEPS)}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ConfigError(f"{source}: step {cls.name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                          f"valid parameters: {', '.join(valid) or 'none'}")
     try:
-        return cls(**params)
-    except (TypeError, ValueError) as err:
+        return from_dict(cls, params, f"parameters of step {cls.name!r}", ConfigError, source=source)
+    except ValueError as err:  # a parameter's own check
         raise ConfigError(f"{source}: {err}") from None
 
 

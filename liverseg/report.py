@@ -1,5 +1,5 @@
-"""The evaluation's outputs for people: metrics.csv, bar charts, slice panels, one
-self-contained report.html and, optionally, a W&B run. No torch here.
+"""The evaluation's outputs for people: metrics.csv, bar charts, slice panels and one
+self-contained report.html (the W&B run: ``liverseg.tracking``). No torch here.
 
 Figures are built as ``matplotlib.figure.Figure`` on an Agg canvas rather than through
 pyplot, so nothing global (the backend, pyplot's figure registry) is touched and the
@@ -21,18 +21,20 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap, to_rgba
+from matplotlib.colors import ListedColormap, to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .lits import METRICS
+from shardgen.io import atomic_path, write_text_atomic
+from shardgen.labels import CLASS_RGB, OVERLAY_ALPHA, SCORED_CLASSES, overlay
+from shardgen.preprocess import quantise, window_scaled
+
+from .vocabulary import METRICS, UNITS
 
 CSV_COLUMNS = ("case", "variant", "class", *METRICS, "seconds")
 NUMERIC_COLUMNS = frozenset((*METRICS, "seconds"))
-CLASSES = ("liver", "tumour")
-UNITS = {"assd": "mm", "mssd": "mm", "hd95": "mm"}
-CLASS_COLOURS = {"liver": "#2ca02c", "tumour": "#d62728"}
+CLASS_COLOURS = {name: to_hex(rgb) for name, rgb in CLASS_RGB.items()}
 LABEL_CMAP = ListedColormap(["black", CLASS_COLOURS["liver"], CLASS_COLOURS["tumour"]])
 DPI = 100
 NA = "–"
@@ -72,13 +74,6 @@ def case_order(rows: Iterable[Mapping]) -> list[str]:
     return list(dict.fromkeys(str(r["case"]) for r in rows))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -96,16 +91,13 @@ def save_figure(fig: Figure, path: Path, metadata: dict[str, str] | None = None)
 def write_csv(rows: Sequence[Mapping], path: Path) -> None:
     """metrics.csv: one line per case x variant x class, columns ``CSV_COLUMNS``.
     Numbers are written exactly (``repr``); an undefined metric (NaN), a missing one or
-    None is written as ``nan``, which ``float()`` reads back; other keys are left out."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="nan", extrasaction="ignore")
+    None is written as ``nan``, which ``float()`` reads back. A row with a key that is not
+    a column is refused (ValueError), so that no metric can be dropped unnoticed."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="nan")  # a key not in the columns raises
         writer.writeheader()
         for row in rows:
             writer.writerow({k: repr(as_float(v)) if k in NUMERIC_COLUMNS else v for k, v in row.items()})
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- charts
@@ -151,7 +143,7 @@ def metric_chart(summary: Mapping, variants: Sequence[str], metric: str, path: P
     ax = fig.add_subplot()
     series = [(cls, [as_float(dig(summary, "variants", v, cls, metric, "mean")) for v in variants],
                [as_float(dig(summary, "variants", v, cls, metric, "std")) for v in variants],
-               CLASS_COLOURS[cls]) for cls in CLASSES]
+               CLASS_COLOURS[cls]) for cls in SCORED_CLASSES]
     handles = grouped_bars(ax, variants, series)
     ax.set_title(f"{metric}: mean ± std over cases")
     ax.set_ylabel(f"{metric} ({UNITS[metric]})" if metric in UNITS else metric)
@@ -166,8 +158,8 @@ def per_case_dice_chart(rows: Sequence[Mapping], variants: Sequence[str], path: 
     width = min(24.0, max(8.0, 1.5 + len(cases) * (0.12 * len(variants) + 0.15)))
     fig = new_figure(width, 7.5)
     colours = variant_colours(variants)
-    for i, cls in enumerate(CLASSES):
-        ax = fig.add_subplot(len(CLASSES), 1, i + 1)
+    for i, cls in enumerate(SCORED_CLASSES):
+        ax = fig.add_subplot(len(SCORED_CLASSES), 1, i + 1)
         series = [(v, [dice.get((c, v, cls), math.nan) for c in cases], None, colours[v]) for v in variants]
         handles = grouped_bars(ax, cases, series, mark_missing=False)
         ax.set_ylim(0, 1.05)
@@ -222,14 +214,6 @@ def write_charts(rows: Sequence[Mapping], summary: Mapping, out_dir: Path) -> li
 
 # ---------------------------------------------------------------- panels
 
-def prediction_fill(pred: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """An RGBA image: predicted liver green, predicted tumour red, the rest transparent."""
-    rgba = np.zeros((*pred.shape, 4), np.float32)
-    for label, cls in ((1, "liver"), (2, "tumour")):
-        rgba[pred == label] = to_rgba(CLASS_COLOURS[cls], alpha)
-    return rgba
-
-
 def outline(ax, mask: np.ndarray, colour: str) -> None:
     if mask.any() and not mask.all():  # contour() warns on a constant image
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
@@ -250,8 +234,7 @@ def write_panel(panel: Mapping, path: Path) -> Path:
     axes[0].imshow(ct, **grey)
     axes[1].imshow(truth, **labels)
     axes[2].imshow(pred, **labels)
-    axes[3].imshow(ct, **grey)
-    axes[3].imshow(prediction_fill(pred), interpolation="nearest")
+    axes[3].imshow(overlay(quantise(window_scaled(ct, (lo, hi))), pred), interpolation="nearest")
     outline(axes[3], truth >= 1, CLASS_COLOURS["liver"])
     outline(axes[3], truth == 2, CLASS_COLOURS["tumour"])
     for ax, name in zip(axes, ("CT", "ground truth", "prediction", "overlay")):
@@ -266,8 +249,8 @@ def write_panel(panel: Mapping, path: Path) -> Path:
 
 
 def panel_legend() -> list:
-    return [Patch(color=CLASS_COLOURS["liver"], alpha=0.6, label="liver (predicted, filled)"),
-            Patch(color=CLASS_COLOURS["tumour"], alpha=0.6, label="tumour (predicted, filled)"),
+    return [Patch(color=CLASS_COLOURS["liver"], alpha=OVERLAY_ALPHA, label="liver (predicted, filled)"),
+            Patch(color=CLASS_COLOURS["tumour"], alpha=OVERLAY_ALPHA, label="tumour (predicted, filled)"),
             Line2D([], [], color=CLASS_COLOURS["liver"], label="liver (truth, outline)"),
             Line2D([], [], color=CLASS_COLOURS["tumour"], label="tumour (truth, outline)")]
 
@@ -398,7 +381,7 @@ def html_sections(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Pa
     failed = summary.get("failed") or []
     parts = [f"<p>{html.escape(fmt(summary.get('cases')))} cases evaluated, {len(failed)} failed; "
              f"variants: {html.escape(', '.join(variants))}.</p>\n"]
-    for cls in CLASSES:
+    for cls in SCORED_CLASSES:
         parts += [f"<h2>{cls}</h2>\n", class_table(summary, variants, cls)]
     parts += ["<h2>lesion scorecard</h2>\n", scorecard_table(summary, variants), oracle_note(summary)]
     parts += ["<h2>tumour detection and burden</h2>\n", detection_table(summary, variants)]
@@ -428,98 +411,10 @@ def write_html(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Path]
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
             f"<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n")
     path = Path(path)
-    write_atomic(path, page.encode("utf-8"))
-    return path
-
-
-# ---------------------------------------------------------------- W&B
-
-def flatten_summary(summary: Mapping) -> dict[str, float]:
-    """Scalars of the summary as W&B keys: "ensemble/liver/dice_mean",
-    "ensemble/liver/dice_global", "ensemble/detection/recall",
-    "ensemble/detection/recall_<10 mm", "ensemble/detection/recall_any_<10 mm",
-    "ensemble/detection/tumour_free_fraction", "ensemble/oracle/fraction",
-    "ensemble/burden/rmse", "timings/<key>", "cases", "failed"."""
-    flat: dict[str, float] = {}
-    for variant, groups in (summary.get("variants") or {}).items():
-        for group, values in (groups or {}).items():
-            for key, value in (values.items() if isinstance(values, Mapping) else ()):
-                flat.update(flatten_value(f"{variant}/{group}", key, value))
-    flat.update({f"timings/{k}": float(v) for k, v in (summary.get("timings") or {}).items() if is_number(v)})
-    flat["cases"] = as_float(summary.get("cases"))
-    flat["failed"] = float(len(summary.get("failed") or []))
-    return flat
-
-
-def flatten_value(prefix: str, key: str, value: Any) -> dict[str, float]:
-    if isinstance(value, Mapping):  # {"mean", "std", ...} of one metric
-        return {f"{prefix}/{key}_{s}": float(v) for s, v in value.items() if is_number(v)}
-    if key == "by_size":
-        return {f"{prefix}/{rule}_{b['bin']}": as_float(b.get(rule))
-                for b in value for rule in ("recall", "recall_any")}
-    return {f"{prefix}/{key}": float(value)} if is_number(value) else {}
+    return write_text_atomic(path, page)
 
 
 def slug(text: str) -> str:
+    """Lower-case letters and digits, runs of anything else as one "-": the file names of
+    the panels, and how ``panels_by_case`` finds a case's name in them."""
     return "-".join(re.findall(r"[a-z0-9]+", str(text).lower()))
-
-
-def panel_text(path: Path) -> dict[str, str]:
-    from PIL import Image  # pillow comes with matplotlib
-
-    with Image.open(path) as image:
-        return {k: str(v) for k, v in getattr(image, "text", {}).items()}
-
-
-def panels_by_case(panels: Sequence[Path], cases: Sequence[str]) -> dict[str, Path]:
-    """The first panel of each case: by the "Case" stored by ``write_panel``, else by the case
-    name appearing, as whole words, in the panel's title or file name (longest name wins)."""
-    found: dict[str, Path] = {}
-    for path in panels:
-        text = panel_text(Path(path))
-        case = text.get("Case")
-        if case not in cases:
-            words = f"-{slug(text.get('Title') or Path(path).stem)}-"
-            matches = [c for c in cases if slug(c) and f"-{slug(c)}-" in words]
-            case = max(matches, key=len, default=None)
-        if case is not None:
-            found.setdefault(case, Path(path))
-    return found
-
-
-def cases_table(rows: Sequence[Mapping], panels: Sequence[Path]):
-    import wandb
-
-    images = {case: wandb.Image(str(p)) for case, p in panels_by_case(panels, case_order(rows)).items()}
-    table = wandb.Table(columns=[*CSV_COLUMNS, "panel"])
-    for r in rows:
-        values = [str(r["case"]), str(r["variant"]), str(r["class"]), *(as_float(r.get(m)) for m in METRICS)]
-        table.add_data(*values, as_float(r.get("seconds")), images.get(str(r["case"])))
-    return table
-
-
-def log_wandb(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Path], panels: Sequence[Path],
-              run_dir: Path, project: str = "liverseg-eval", mode: str | None = None) -> Path | None:
-    """Log the evaluation as one W&B run under ``run_dir/wandb``: the flattened summary
-    scalars, each chart and panel, and a table of every case x variant x class with its
-    case's panel (W&B stages a table's images under WANDB_DATA_DIR until the run is synced).
-    ``mode=None`` picks online only with a key and a reachable server (``train.wandb_mode``).
-    Returns the run's folder (``.../wandb/offline-run-*`` offline), None when disabled."""
-    import wandb
-
-    if mode is None:
-        from .train import wandb_mode  # imports torch: only when W&B is asked for
-
-        mode = wandb_mode()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, dir=str(run_dir), mode=mode, job_type="eval",
-                     config=dict(summary.get("config") or {}))
-    try:
-        run.log({**flatten_summary(summary),
-                 **{f"charts/{Path(p).stem}": wandb.Image(str(p)) for p in charts},
-                 **{f"panels/{Path(p).stem}": wandb.Image(str(p)) for p in panels},
-                 "cases_table": cases_table(rows, panels)})
-    finally:
-        run.finish()
-    return None if mode == "disabled" else Path(run.dir).parent

@@ -7,8 +7,6 @@ references, under liverseg's convention or the LiTS challenge's (no model, no to
 from __future__ import annotations
 
 import csv
-import dataclasses
-import json
 import math
 import re
 import time
@@ -19,33 +17,18 @@ from typing import Any
 import numpy as np
 
 from shardgen.errors import InvalidCase, ShardgenError
+from shardgen.io import atomic_path, write_json_atomic, write_text_atomic
+from shardgen.labels import SCORED_CLASSES
 from shardgen.nifti import check_3d, label_as_uint8, read_volume
 
 from . import lits, lits_official
-from .errors import ConfigError, LiversegError
+from .config import ScoreConfig
+from .errors import LiversegError
+from .vocabulary import METRICS
 
-CONVENTIONS = ("liverseg", "lits")
 # segmentation-N, test-segmentation-N or volume-N (.nii or .nii.gz); the number pairs them
 CASE_NAME = re.compile(r"(?:test-)?(segmentation|volume)-(\d+)\.nii(?:\.gz)?")
 PREFERENCE = ("segmentation", "volume")  # a LiTS folder holds both: volume-N is then the CT
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """reference, predictions: folders of label maps paired by case number; convention:
-    "liverseg" (docs/METRICS.md) or "lits" (the challenge's scorer); out: output folder."""
-
-    reference: str
-    predictions: str
-    out: str
-    convention: str = "liverseg"
-
-    def __post_init__(self) -> None:
-        if self.convention not in CONVENTIONS:
-            raise ConfigError(f"unknown convention {self.convention!r}; valid: {', '.join(CONVENTIONS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -130,7 +113,7 @@ def score_pairs(pairs: list[tuple[str, Path, Path]], convention: str) -> tuple[d
     for case, reference, prediction in pairs:
         try:
             pred, ref, spacing = read_pair(reference, prediction)
-        except (ShardgenError, LiversegError) as exc:
+        except ShardgenError as exc:
             failed.append({"case": case, "error": str(exc)})
             continue
         scored[case] = SCORERS[convention](pred, ref, spacing)
@@ -148,7 +131,7 @@ def headline(dataset: dict[str, Any], convention: str) -> dict[str, float]:
     if convention == "lits":
         return dict(dataset)
     figures = {}
-    for cls in ("liver", "tumour"):
+    for cls in SCORED_CLASSES:
         figures.update({f"{cls}_dice_mean": dataset[cls]["dice"]["mean"],
                         f"{cls}_dice_global": dataset[cls]["dice_global"],
                         f"{cls}_assd_mean": dataset[cls]["assd"]["mean"]})
@@ -177,15 +160,14 @@ def score_folders(config: ScoreConfig) -> ScoreResult:
 # --------------------------------------------------------------------------- outputs
 
 def write_outputs(result: ScoreResult, scored: dict[str, dict], config: ScoreConfig) -> None:
-    result.out.mkdir(parents=True, exist_ok=True)
-    write_json(result.out / "scores.json", {
+    write_json_atomic(result.out / "scores.json", {
         "config": config.to_dict(), "cases": list(scored), "failed": result.failed,
         "seconds": result.seconds, "dataset": result.dataset})
-    write_json(result.out / "cases.json", scored)
+    write_json_atomic(result.out / "cases.json", scored)
     rows = [{"case": case, **case_row(scores, config.convention)} for case, scores in scored.items()]
     write_csv(result.out / "cases.csv", rows)
     if config.convention == "lits":
-        (result.out / "scores.txt").write_text("".join(f"{k}: {v:.3f}\n" for k, v in result.dataset.items()))
+        write_text_atomic(result.out / "scores.txt", "".join(f"{k}: {v:.3f}\n" for k, v in result.dataset.items()))
 
 
 def case_row(scores: dict, convention: str) -> dict[str, Any]:
@@ -197,36 +179,16 @@ def case_row(scores: dict, convention: str) -> dict[str, Any]:
         row.update({k: scores[k] for k in ("liver_dice_per_case", "lesion_dice_per_case", "tumor_burden_diff")})
         row["lesions_scored"] = len(scores["lesions_scored"])
         return row
-    row = {f"{cls}_{m}": scores[cls][m] for cls in ("liver", "tumour") for m in lits.METRICS}
+    row = {f"{cls}_{m}": scores[cls][m] for cls in SCORED_CLASSES for m in METRICS}
     row.update({f"lesion_{k}": scores["lesions"][k] for k in ("tp", "fp", "fn")})
     row.update({f"burden_{k}": v for k, v in scores["burden"].items()})
     return row
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
+    """cases.csv: one row per case, an undefined metric (NaN) as an empty cell."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows([{k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
                           for row in rows])
-
-
-def write_json(path: Path, data: Any) -> None:
-    """JSON with NaN (an undefined metric) as null, since strict readers refuse NaN."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plain(data), indent=1) + "\n")
-    tmp.replace(path)
-
-
-def plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [plain(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(value) else float(value)
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -13,9 +13,8 @@ import math
 import os
 import pickle
 import shutil
-import socket
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,10 @@ from accelerate.utils import load as accelerate_load  # torch.load with weights_
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from shardgen.io import write_json_atomic, write_text_atomic
+from shardgen.labels import CLASS_NAMES, NUM_CLASSES, overlay
 from shardgen.preprocess import Preprocessing
+from shardgen.settings import field_names, from_dict
 
 from . import __version__
 from .augment import BatchAugment
@@ -37,10 +39,12 @@ from .data import (LoaderSettings, ShardSource, TrainStream, open_shards, train_
 from .errors import LiversegError
 from .losses import DiceCELoss
 from .metrics import confusion_matrix, dice, liver_tumour_from_matrix
-from .models import ModelSpec, create_model, export_checkpoint, tensors_for_safetensors, unwrap_model
+from .checkpoint import ModelSpec, export_checkpoint, tensors_for_safetensors, unwrap_model
+from .models import create_model
+from .runtime import make_accelerator, resolve_precision
+from .tracking import log_overlays, start_trackers
 
 log = logging.getLogger(__name__)
-CLASS_NAMES = ("background", "liver", "tumour")
 
 
 class TrainingDiverged(LiversegError):
@@ -62,12 +66,13 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: Any, where: Path) -> "TrainState":
-        ok = (isinstance(data, dict) and set(data) == {f.name for f in fields(cls)}
-              and type(data["step"]) is int and data["step"] >= 0 and type(data["skipped_steps"]) is int
-              and isinstance(data["best_score"], (int, float)) and isinstance(data["best"], dict))
-        if not ok:
-            raise LiversegError(f"{where}: not a training state written by liverseg")
-        return cls(**data)
+        def problem(d) -> str:
+            ok = (type(d["step"]) is int and d["step"] >= 0 and type(d["skipped_steps"]) is int
+                  and isinstance(d["best_score"], (int, float)) and isinstance(d["best"], dict))
+            return "" if ok else "not a training state written by liverseg"
+
+        return from_dict(cls, data, "training state", LiversegError, required=field_names(cls),
+                         source=str(where), check=problem)
 
 
 @dataclass(frozen=True)
@@ -82,15 +87,6 @@ class TrainResult:
     skipped_shards: int = 0
 
 
-def resolve_precision(precision: str) -> str:
-    """"auto": bf16 on GPUs that have it, fp16 on older GPUs (a T4), full precision on CPU."""
-    if precision != "auto":
-        return precision
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def has_unused_parameters(model: torch.nn.Module, in_channels: int) -> bool:
     """Some smp decoders leave parameters out of the graph (measured: unet+scse, pspnet);
     DDP must then be told, so find out with one tiny CPU pass instead of guessing."""
@@ -102,15 +98,12 @@ def has_unused_parameters(model: torch.nn.Module, in_channels: int) -> bool:
     return unused
 
 
-def make_accelerator(config: TrainConfig, find_unused: bool) -> Accelerator:
+def training_accelerator(config: TrainConfig, find_unused: bool) -> Accelerator:
     trackers = None if config.report_to == "none" else config.report_to
-    # Without a GPU, say so: Accelerate then runs processes started by torchrun (or
-    # `accelerate launch --multi_gpu`) as CPU DDP over gloo instead of independent copies.
-    no_gpu = not torch.cuda.is_available()
-    return Accelerator(cpu=no_gpu, mixed_precision=resolve_precision(config.precision),
-                       gradient_accumulation_steps=config.grad_accum, log_with=trackers,
-                       project_dir=str(config.run_dir), step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    return make_accelerator(mixed_precision=resolve_precision(config.precision),
+                            gradient_accumulation_steps=config.grad_accum, log_with=trackers,
+                            project_dir=str(config.run_dir), step_scheduler_with_optimizer=False,
+                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
 
 def lr_lambda(config: TrainConfig):
@@ -141,34 +134,6 @@ def ema_update(decay: float):
         torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
 
     return update
-
-
-def wandb_mode() -> str:
-    """W&B online only with an API key and a reachable server; otherwise offline at once
-    (W&B itself would wait 90 s before giving up)."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
-        netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
-    if not has_key:
-        return "offline"
-    try:
-        socket.create_connection(("api.wandb.ai", 443), timeout=3).close()
-    except OSError:
-        return "offline"
-    return "online"
-
-
-def start_trackers(accelerator: Accelerator, config: TrainConfig) -> None:
-    if config.report_to == "none":
-        return
-    init_kwargs: dict[str, Any] = {}
-    if config.report_to == "wandb":
-        init_kwargs["wandb"] = {"mode": wandb_mode(), "dir": str(config.run_dir), "name": config.run_name}
-    flat = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-            for k, v in config.to_dict().items()}
-    accelerator.init_trackers(config.project, config=flat, init_kwargs=init_kwargs)
 
 
 # --------------------------------------------------------------------------- resumable state
@@ -205,26 +170,19 @@ def save_checkpoint(loop: Loop, state: TrainState, stream: TrainStream) -> Path:
     acc.wait_for_everyone()
     acc.save_state(str(partial))
     rank = acc.process_index
-    write_json(partial / f"data_position_{rank}.json", stream.state())
+    write_json_atomic(partial / f"data_position_{rank}.json", stream.state())
     save_file({"generator": loop.generator.get_state()}, str(partial / f"rank_state_{rank}.safetensors"))
     if acc.is_main_process and loop.ema is not None:
         save_file(tensors_for_safetensors(loop.ema.state_dict()), str(partial / "ema.safetensors"))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_json(partial / STATE_FILE, state.to_dict())  # last: its presence marks the folder complete
+        write_json_atomic(partial / STATE_FILE, state.to_dict())  # last: its presence marks the folder complete
         shutil.rmtree(final, ignore_errors=True)  # the same step saved by an earlier run
         os.replace(partial, final)
         for old in complete_checkpoints(run_dir)[:-loop.config.keep_checkpoints]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
-
-
-def write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> Any:
@@ -285,7 +243,7 @@ def forget_after(path: Path, step: int) -> None:
             return math.inf
 
     kept = [line for line in path.read_text().splitlines(keepends=True) if step_of(line) <= step]
-    path.write_text("".join(kept))
+    write_text_atomic(path, "".join(kept))
 
 
 def clear_partial_saves(run_dir: Path) -> None:
@@ -323,15 +281,11 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, config: Trai
 
 
 def overlay_triplet(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
-    """CT | ground truth | prediction side by side, liver green and tumour red."""
-    ct = image[image.shape[0] // 2].cpu().numpy().astype(np.float32) / 255.0
-    panels = [np.repeat(ct[..., None], 3, -1)]
-    for mask in (truth.cpu().numpy(), pred.cpu().numpy()):
-        rgb = np.repeat(ct[..., None], 3, -1) * 0.6
-        rgb[mask == 1] = rgb[mask == 1] * 0.5 + np.array([0.1, 0.9, 0.2]) * 0.5
-        rgb[mask == 2] = rgb[mask == 2] * 0.5 + np.array([1.0, 0.15, 0.1]) * 0.5
-        panels.append(rgb)
-    return (np.concatenate(panels, axis=1) * 255).clip(0, 255).astype(np.uint8)
+    """CT | ground truth | prediction side by side (uint8 RGB), labels drawn by
+    ``shardgen.labels.overlay``."""
+    ct = image[image.shape[0] // 2].cpu().numpy()
+    panels = [overlay(ct, mask) for mask in (np.zeros_like(ct), truth.cpu().numpy(), pred.cpu().numpy())]
+    return (np.concatenate(panels, axis=1) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def scores(matrix: torch.Tensor) -> dict[str, float]:
@@ -365,16 +319,6 @@ class History:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
-
-
-def log_overlays(accelerator: Accelerator, overlays: list[np.ndarray], step: int) -> None:
-    if not overlays or not accelerator.is_main_process:
-        return
-    for tracker in accelerator.trackers:
-        if tracker.name == "wandb":
-            tracker.log_images({"val/overlays": overlays}, step=step)
-        elif tracker.name == "tensorboard":
-            tracker.log_images({"val/overlays": np.stack(overlays)}, step=step, dataformats="NHWC")
 
 
 @dataclass
@@ -428,19 +372,19 @@ def train_step(loop: Loop, batches: TrainStream) -> tuple[torch.Tensor, bool, fl
 
 
 def build_loss(config: TrainConfig) -> torch.nn.Module:
-    return DiceCELoss(classes=len(CLASS_NAMES), class_weights=config.class_weights)
+    return DiceCELoss(classes=NUM_CLASSES, class_weights=config.class_weights)
 
 
 def setup(config: TrainConfig) -> tuple[Loop, ShardSource, Preprocessing, ModelSpec]:
     source = open_shards(config.shards)
     preprocessing = Preprocessing.from_dict(source.manifest["preprocessing"])
-    spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, len(CLASS_NAMES), config.attention,
+    spec = ModelSpec(config.arch, config.encoder, preprocessing.channels, NUM_CLASSES, config.attention,
                      config.decoder_channels)
     set_seed(config.seed)  # the initial weights too (torch seeds each process at random); DDP copies rank 0's
     model = create_model(spec.arch, spec.encoder, spec.in_channels, spec.classes,
                          encoder_weights=config.encoder_weights, attention=spec.attention,
                          decoder_channels=spec.decoder_channels)
-    accelerator = make_accelerator(config, has_unused_parameters(model, spec.in_channels))
+    accelerator = training_accelerator(config, has_unused_parameters(model, spec.in_channels))
     set_seed(config.seed + accelerator.process_index)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -486,10 +430,8 @@ def start(loop: Loop, source: ShardSource, preprocessing: Preprocessing) -> tupl
     if acc.is_main_process:
         forget_after(cfg.run_dir / HISTORY, state.step)
     forget_after(trace_path(cfg.run_dir, acc.process_index), state.step)
-    settings = LoaderSettings(cfg.batch_size, cfg.workers, cfg.shuffle_buffer, cfg.oversample_tumour,
-                              cfg.seed, cfg.on_bad_shard)
-    stream = train_loader(source, preprocessing.context, settings, acc.process_index, acc.num_processes,
-                          state=position)
+    stream = train_loader(source, preprocessing.context, LoaderSettings.from_config(cfg), acc.process_index,
+                          acc.num_processes, state=position)
     return state, stream
 
 
@@ -517,7 +459,9 @@ def train(config: TrainConfig) -> TrainResult:
     trace = trace_path(config.run_dir, acc.process_index) if config.trace_samples else None
     metrics: dict[str, float] = {}
     in_a_row, waited, busy, last_logged = 0, 0.0, 0.0, state.step
-    bar = tqdm(total=config.steps, initial=state.step, disable=not acc.is_main_process, desc="training")
+    # no bar when a finished run is resumed: nothing is left to train
+    bar = tqdm(total=config.steps, initial=state.step, desc="training",
+               disable=not acc.is_main_process or state.step >= config.steps)
     for step in range(state.step + 1, config.steps + 1):
         tick = time.perf_counter()
         loss, applied, wait, keys = train_step(loop, batches)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +26,8 @@ from . import __version__
 from .discover import CaseSource, Rejection, apply_split_rule, discover, split_rule
 from .errors import InvalidCase, ShardgenError
 from .format import ShardWriter, class_counts, encode_sample
-from .manifest import assemble_manifest, manifest_name, write_json_atomic
+from .io import atomic_path, remove_leftovers, write_json_atomic
+from .manifest import assemble_manifest, manifest_name
 from .nifti import Case, load_case
 from .preprocess import Preprocessing, context_indices, preprocess_image, preprocess_label
 
@@ -117,11 +117,10 @@ def write_case_shard(case: Case, case_id: str, path: Path, config: BuildConfig) 
     compressor = zstandard.ZstdCompressor(level=config.zstd_level)
     pixels = np.zeros(3, np.int64)
     liver_slices = tumour_slices = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with ShardWriter(tmp) as writer:
+    with atomic_path(path) as tmp, ShardWriter(tmp) as writer:
         for z in written.tolist():
-            image = preprocess_image(case.image[z], settings)
-            mask = preprocess_label(case.label[z], settings)
+            image = preprocess_image(case.image[z], settings, case.spacing[1:])
+            mask = preprocess_label(case.label[z], settings, case.spacing[1:])
             counts = class_counts(mask)
             target = z in target_set
             writer.write(encode_sample(case_id, z, case.shape[0], target, image, mask, compressor, counts))
@@ -129,7 +128,6 @@ def write_case_shard(case: Case, case_id: str, path: Path, config: BuildConfig) 
                 pixels += counts
                 liver_slices += int(counts[1] + counts[2] > 0)
                 tumour_slices += int(counts[2] > 0)
-    os.replace(tmp, path)
     return {"case": case_id, "shard": path.name, "samples": writer.samples,
             "targets": len(targets), "bytes": writer.bytes, "sha256": writer.sha256,
             "liver_slices": liver_slices, "tumour_slices": tumour_slices,
@@ -177,6 +175,8 @@ def process_case(source: CaseSource, config: BuildConfig) -> dict[str, Any]:
     record = finished_record(config.out, source, settings)
     if record is not None:
         return {"record": record, "reused": True}
+    for path in (shard_path(config.out, source.case), record_path(config.out, source.case)):
+        remove_leftovers(path)  # of a build killed while writing this case
     try:
         case = load_case(source.image, source.label)
     except InvalidCase as exc:

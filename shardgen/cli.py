@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
 from .build import BuildConfig, Selection, build_shards
-from .errors import ShardError, ShardgenError, os_error_line
+from .clihelp import CONTEXT_SETTINGS, friendly_errors, verbose_option
+from .errors import ShardError, ShardgenError
 from .preprocess import Preprocessing
+from .settings import default_of
 
 
-def number_pair(kind: type):
-    """A click callback parsing "A,B" into a tuple of two ``kind``."""
+def numbers(kind: type, count: int, expected: str):
+    """A click callback parsing "A,B,..." into a tuple of ``count`` ``kind``; ``expected``
+    says what was wanted in the error."""
 
     def parse(ctx: click.Context, param: click.Parameter, value: str | None):
         if value is None:
@@ -24,41 +25,51 @@ def number_pair(kind: type):
             parts = tuple(kind(v) for v in value.split(","))
         except ValueError:
             parts = ()
-        if len(parts) != 2:
-            raise click.BadParameter(f"expected two numbers as A,B, got {value!r}")
+        if len(parts) != count:
+            raise click.BadParameter(f"expected {expected}, got {value!r}")
         return parts
 
     return parse
 
 
-def parse_fractions(ctx: click.Context, param: click.Parameter, value: str):
-    try:
-        parts = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3:
-        raise click.BadParameter(f"expected TRAIN,VAL,TEST fractions, got {value!r}")
-    return parts
+class PlannedBar:
+    """A progress bar made only once the number of items is known (``plan``), so that an
+    error found while planning (no cases, a bad split file) shows no empty bar."""
+
+    def __init__(self, desc: str, unit: str):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def plan(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc=self.desc, unit=self.unit)
+
+    def write(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else tqdm.write)(text)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def __enter__(self) -> "PlannedBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def friendly_errors(command):
-    """Our own errors become one line (``Error: ...``, exit 1), never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except ShardgenError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(os_error_line(exc)) from None
-
-    return wrapper
+def joined(values) -> str:
+    """A tuple of numbers as the "A,B,..." text the callbacks above parse."""
+    return ",".join(f"{v:g}" for v in values)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Log diagnostics to stderr.")
-def main(verbose: bool) -> None:
+def number_pair(kind: type):
+    """A click callback parsing "A,B" into a tuple of two ``kind``."""
+    return numbers(kind, 2, "two numbers as A,B")
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@verbose_option
+def main() -> None:
     """Turn CT volumes into WebDataset shards for liverseg.
 
     \b
@@ -68,8 +79,6 @@ def main(verbose: bool) -> None:
       liverseg-shards inspect shards
       liverseg-shards verify shards
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
@@ -98,29 +107,37 @@ def phantom(out: Path, cases: int, seed: int, size: int, slices: tuple[int, int]
 @click.option("--input", "inputs", type=click.Path(path_type=Path), multiple=True, required=True,
               help="Folder with LiTS (volume-N / segmentation-N) or MSD Task03 files; repeatable.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for shards + manifest.json.")
-@click.option("--size", type=click.IntRange(min=8), default=512, show_default=True, help="Output slice size (pixels).")
-@click.option("--window", callback=number_pair(float), default="-100,400", show_default=True,
-              help="HU window LOW,HIGH.")
-@click.option("--context", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--size", type=click.IntRange(min=8), default=default_of(Preprocessing, "size"), show_default=True,
+              help="Output slice size (pixels).")
+@click.option("--window", callback=number_pair(float), default=joined(default_of(Preprocessing, "window")),
+              show_default=True, help="HU window LOW,HIGH.")
+@click.option("--context", type=click.IntRange(min=0), default=default_of(Preprocessing, "context"), show_default=True,
               help="Neighbouring slices on each side stacked as channels (2k+1 channels).")
-@click.option("--margin-mm", type=click.FloatRange(min=0), default=20.0, show_default=True,
-              help="Keep slices within this distance of the liver.")
-@click.option("--background-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Fraction of the other slices kept (seeded).")
-@click.option("--split-fractions", callback=parse_fractions, default="0.8,0.1,0.1", show_default=True,
+@click.option("--spacing-mm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="In-plane pixel size of the slices (mm), centre-cropped or padded to --size "
+                   "[default: the size that fits each scan's field of view].")
+@click.option("--margin-mm", type=click.FloatRange(min=0), default=default_of(Selection, "margin_mm"),
+              show_default=True, help="Keep slices within this distance of the liver.")
+@click.option("--background-fraction", type=click.FloatRange(0, 1), default=default_of(Selection, "background_fraction"),
+              show_default=True, help="Fraction of the other slices kept (seeded).")
+@click.option("--split-fractions", callback=numbers(float, 3, "TRAIN,VAL,TEST fractions"),
+              default=joined(default_of(BuildConfig, "fractions")), show_default=True,
               help="TRAIN,VAL,TEST fractions of cases.")
 @click.option("--split", "split_file", type=click.Path(path_type=Path), default=None,
               help='JSON split file: {"train": [ids], "val": [...], "test": [...]}.')
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the slice choice.")
-@click.option("--stratify/--no-stratify", default=True, show_default=True,
+@click.option("--seed", type=int, default=default_of(BuildConfig, "seed"), show_default=True,
+              help="Seed of the split and the slice choice.")
+@click.option("--stratify/--no-stratify", default=default_of(BuildConfig, "stratify"), show_default=True,
               help="Spread tumour-free cases over train/val/test in proportion.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
-@click.option("--num-nodes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Machines sharing the work (cases are partitioned).")
-@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This machine's index.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_of(BuildConfig, "workers"), show_default=True,
+              help="Processes.")
+@click.option("--num-nodes", type=click.IntRange(min=1), default=default_of(BuildConfig, "num_nodes"),
+              show_default=True, help="Machines sharing the work (cases are partitioned).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=default_of(BuildConfig, "node_rank"),
+              show_default=True, help="This machine's index.")
 @click.option("--skip-bad", is_flag=True, help="Exit 0 even if some cases were rejected.")
 @friendly_errors
-def build(inputs, out, size, window, context, margin_mm, background_fraction, split_fractions,
+def build(inputs, out, size, window, context, spacing_mm, margin_mm, background_fraction, split_fractions,
           split_file, seed, stratify, workers, num_nodes, node_rank, skip_bad) -> None:
     """Validate, preprocess and write cases as WebDataset shards (one per case) with a manifest.
 
@@ -129,13 +146,12 @@ def build(inputs, out, size, window, context, margin_mm, background_fraction, sp
     """
     config = BuildConfig(
         inputs=tuple(inputs), out=out,
-        preprocessing=Preprocessing(window=window, size=size, context=context),
+        preprocessing=Preprocessing(window=window, size=size, context=context, spacing_mm=spacing_mm),
         selection=Selection(margin_mm=margin_mm, background_fraction=background_fraction),
         fractions=split_fractions, seed=seed, split_file=split_file, stratify=stratify, workers=workers,
         num_nodes=num_nodes, node_rank=node_rank)
-    with tqdm(desc="cases", unit="case") as bar:
-        result = build_shards(config, on_case=lambda r: report_case(r, bar),
-                              on_plan=lambda n: setattr(bar, "total", n) or bar.refresh())
+    with PlannedBar("cases", "case") as bar:
+        result = build_shards(config, on_case=lambda r: report_case(r, bar), on_plan=bar.plan)
     totals = result.manifest["totals"]
     click.echo(f"wrote {result.manifest_path} — " + ", ".join(
         f"{s}: {t['cases']} cases / {t['targets']} slices" for s, t in totals.items()))
@@ -144,7 +160,7 @@ def build(inputs, out, size, window, context, margin_mm, background_fraction, sp
                                    f"{result.manifest_path.name}); pass --skip-bad to accept that")
 
 
-def report_case(result: dict, bar: tqdm) -> None:
+def report_case(result: dict, bar: PlannedBar) -> None:
     if "rejection" in result:
         r = result["rejection"]
         bar.write(f"rejected {r.file}: {r.reason}")
@@ -228,10 +244,8 @@ def stats(folder: Path, json_path: Path | None, workers: int) -> None:
     with a one-line reason."""
     from .stats import format_table, measure_folder, summarise, write_json
 
-    with tqdm(desc="cases", unit="case") as bar:
-        cases, skipped = measure_folder(folder, workers,
-                                        on_plan=lambda n: setattr(bar, "total", n) or bar.refresh(),
-                                        on_result=lambda r: report_case(r, bar))
+    with PlannedBar("cases", "case") as bar:
+        cases, skipped = measure_folder(folder, workers, on_plan=bar.plan, on_result=lambda r: report_case(r, bar))
     summary = summarise(cases, skipped=len(skipped))
     click.echo(format_table(summary))
     if json_path is not None:

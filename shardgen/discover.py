@@ -19,6 +19,8 @@ from .errors import ShardgenError
 SPLITS = ("train", "val", "test")
 LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
+LITS_TEST_VOLUME = re.compile(r"^test-volume-(\d+)\.nii(\.gz)?$")  # LiTS's test set: no labels
+MSD_TEST_IMAGES = "imagesTs"  # MSD's test images: no labels
 NIFTI = re.compile(r"^(?!\._)(.+)\.nii(\.gz)?$")  # "._x" files are macOS resource forks
 IRCADB_IMAGE, IRCADB_MASKS = "PATIENT_DICOM", "MASKS_DICOM"
 IRCADB_LIVER, IRCADB_TUMOURS = "liver", "livertumor*"  # mask series inside MASKS_DICOM
@@ -48,9 +50,11 @@ class Rejection:
         return {"case": self.case, "file": self.file, "reason": self.reason}
 
 
-def discover(inputs: Iterable[str | Path]) -> tuple[list[CaseSource], list[Rejection]]:
+def discover(inputs: Iterable[str | Path], unlabelled: bool = False) -> tuple[list[CaseSource], list[Rejection]]:
     """All cases under ``inputs``, sorted by case id; duplicates and unsafe case ids
-    (:data:`SAFE_ID`) rejected, images without a label kept with ``label`` None."""
+    (:data:`SAFE_ID`) rejected, images without a label kept with ``label`` None. With
+    ``unlabelled``, also the test images that have no label by design, to predict
+    (:func:`discover_unlabelled`)."""
     found: list[CaseSource] = []
     for root in map(Path, inputs):
         if not root.is_dir():
@@ -60,6 +64,8 @@ def discover(inputs: Iterable[str | Path]) -> tuple[list[CaseSource], list[Rejec
             found.extend(discover_msd(msd))
         found.extend(discover_lits(root, exclude=msd_roots))
         found.extend(discover_dicom(root, exclude=msd_roots))
+        if unlabelled:
+            found.extend(discover_unlabelled(root))
     cases, rejected = deduplicate([s for s in found if is_safe_id(s.case)])
     return cases, [unsafe_id(s) for s in found if not is_safe_id(s.case)] + rejected
 
@@ -84,6 +90,12 @@ def discover_lits(root: Path, exclude: list[Path] = ()) -> list[CaseSource]:  # 
             labels.setdefault(m.group(1), path)
     return [CaseSource(f"volume-{n}", volumes[n], labels.get(n))
             for n in sorted(volumes, key=int)]
+
+
+def discover_unlabelled(root: Path) -> list[CaseSource]:
+    """LiTS test volumes (test-volume-N) and MSD test images (imagesTs/*), ``label`` None."""
+    return [CaseSource(case_id(path), path, None) for path in sorted(root.rglob("*.nii*"))
+            if LITS_TEST_VOLUME.match(path.name) or (path.parent.name == MSD_TEST_IMAGES and NIFTI.match(path.name))]
 
 
 def discover_msd(root: Path) -> list[CaseSource]:

@@ -1,4 +1,8 @@
-"""Errors a user can cause; the CLI prints them in one line, without a traceback."""
+"""Errors a user can cause; the CLIs print them in one line, without a traceback.
+
+``ShardgenError`` is the root of every such error, liverseg's included
+(``liverseg.errors.LiversegError`` derives from it), so one ``except`` catches them all
+and nothing is re-wrapped on its way up."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from pathlib import Path
 
 
 class ShardgenError(Exception):
-    """Bad input or settings, explained in one line."""
+    """Bad input or settings, explained in one line; the root of shardgen's and liverseg's errors."""
 
 
 class InvalidCase(ShardgenError):

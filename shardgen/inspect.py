@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 
 from .format import decode_sample, read_shard
-from .manifest import CLASSES, read_manifest
+from .io import atomic_path
+from .labels import CLASS_NAMES, overlay
+from .manifest import read_manifest
 from .verify import check_listed_file
-
-LIVER_RGB = (0.1, 0.9, 0.2)
-TUMOUR_RGB = (1.0, 0.15, 0.1)
 
 
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
@@ -21,12 +20,12 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"preprocessing: window {pre['window']} HU, {pre['size']}x{pre['size']}, "
              f"context {pre['context']} ({2 * pre['context'] + 1} channels)",
              f"{'split':<6} {'cases':>6} {'samples':>8} {'targets':>8} {'liver':>7} "
-             f"{'tumour':>7} {'MB':>9}  pixels " + " / ".join(CLASSES)]
+             f"{'tumour':>7} {'MB':>9}  pixels " + " / ".join(CLASS_NAMES)]
     for split, t in manifest["totals"].items():
         fr = manifest["class_fractions"][split]
         lines.append(f"{split:<6} {t['cases']:>6} {t['samples']:>8} {t['targets']:>8} "
                      f"{t['liver_slices']:>7} {t['tumour_slices']:>7} {t['bytes'] / 1e6:>9.1f}  "
-                     + " / ".join(f"{100 * fr[c]:.2f}%" for c in CLASSES))
+                     + " / ".join(f"{100 * fr[c]:.2f}%" for c in CLASS_NAMES))
     if manifest["rejected"]:
         lines.append(f"rejected inputs: {len(manifest['rejected'])}")
         lines += [f"  {r['file']}: {r['reason']}" for r in manifest["rejected"]]
@@ -50,15 +49,6 @@ def pick_samples(folder: Path, manifest: dict[str, Any], count: int, seed: int):
     return picked
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Grey uint8 image with liver and tumour tinted, as RGB floats."""
-    rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=-1)
-    for value, colour in ((1, LIVER_RGB), (2, TUMOUR_RGB)):
-        sel = mask == value
-        rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.array(colour, np.float32)
-    return rgb
-
-
 def save_grid(samples, path: Path, columns: int = 4) -> None:
     import matplotlib
 
@@ -74,7 +64,8 @@ def save_grid(samples, path: Path, columns: int = 4) -> None:
         ax.set_title(f"{s.case} z={s.z}", fontsize=8)
     fig.suptitle("green: liver, red: tumour", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

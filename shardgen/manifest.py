@@ -12,10 +12,11 @@ from typing import Any
 from .discover import SPLITS, Rejection, apply_split_rule
 from .errors import ShardgenError
 from .format import FORMAT_NAME, FORMAT_VERSION
+from .io import write_json_atomic
+from .labels import CLASS_NAMES
 from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
-CLASSES = ("background", "liver", "tumour")
 SHARD_KEYS = ("split", "case", "samples", "targets", "bytes", "sha256",
               "liver_slices", "tumour_slices", "pixels")
 CASE_KEYS = ("split", "image", "label", "depth", "spacing_mm", "input_shape", "shard")
@@ -23,12 +24,6 @@ CASE_KEYS = ("split", "image", "label", "depth", "spacing_mm", "input_shape", "s
 
 def manifest_name(node_rank: int, num_nodes: int) -> str:
     return MANIFEST if num_nodes == 1 else f"manifest.node-{node_rank}-of-{num_nodes}.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def assemble_manifest(records: list[dict[str, Any]], rejected: list[Rejection],
@@ -69,9 +64,9 @@ def class_fractions(shards: list[dict[str, Any]]) -> dict[str, dict[str, float]]
     groups["all"] = shards
     out = {}
     for name, mine in groups.items():
-        counts = [sum(s["pixels"][c] for s in mine) for c in range(len(CLASSES))]
+        counts = [sum(s["pixels"][c] for s in mine) for c in range(len(CLASS_NAMES))]
         total = sum(counts) or 1
-        out[name] = {cls: n / total for cls, n in zip(CLASSES, counts)}
+        out[name] = {cls: n / total for cls, n in zip(CLASS_NAMES, counts)}
     return out
 
 

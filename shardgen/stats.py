@@ -2,7 +2,7 @@
 way for both, so that the phantoms can be calibrated against LiTS.
 
 ``liverseg-shards stats DIR`` runs :func:`measure_folder`, :func:`summarise` and
-:func:`format_table`; ``launch/benchmark.py ceiling`` uses :func:`measure_lesions`.
+:func:`format_table`; ``python -m benchmarks.ceiling`` uses :func:`measure_lesions` through liverseg.oracle.
 """
 
 from __future__ import annotations

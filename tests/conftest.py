@@ -1,7 +1,16 @@
-"""Shared fixtures: tiny phantoms and hand-made NIfTI cases."""
+"""Shared fixtures: tiny phantoms and hand-made NIfTI cases, shards and checkpoints built
+once per run, and a warm interpreter for tests that need a process of their own."""
 
 from __future__ import annotations
 
+import atexit
+import builtins
+import multiprocessing
+import os
+import resource
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -67,12 +76,128 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_shards(phantom_dir, tmp_path_factory) -> Path:
-    """64 px shards of the six phantoms, half training and half validation cases, shared by
-    the training tests (built once per run)."""
+    """64 px shards of the six phantoms: three training, one validation and two test cases.
+    Built once per run and shared by every test that streams, trains or evaluates: read
+    only (a test that changes shards changes a copy)."""
     from shardgen.build import BuildConfig, build_shards
     from shardgen.preprocess import Preprocessing
 
     out = tmp_path_factory.mktemp("train-shards")
     build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
-                             fractions=(0.5, 0.5, 0.0)))
+                             fractions=(0.5, 0.17, 0.33)))
     return out
+
+
+# the settings of every tiny training: 3 steps, one validation and one save at the end
+TINY_TRAINING = dict(encoder="resnet18", steps=3, batch_size=2, val_every=3, save_every=3, log_every=1,
+                     workers=0, shuffle_buffer=8, warmup_steps=2)
+
+
+@pytest.fixture(scope="session")
+def trained(train_shards, tmp_path_factory) -> dict:
+    """A U-Net and a ResUNet trained with TINY_TRAINING on train_shards, once per run:
+    ``{arch: (run folder, TrainResult)}``. The U-Net learns with left-right flips (so
+    ``--tta flips`` uses them), the ResUNet without. Read only."""
+    from liverseg.config import AugmentConfig, TrainConfig
+    from liverseg.train import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    done = {}
+    for arch, flip_lr in (("unet", 0.5), ("resunet", 0.0)):
+        config = TrainConfig(shards=str(train_shards), out=str(runs / arch), arch=arch,
+                             augment=AugmentConfig(flip_lr=flip_lr), **TINY_TRAINING)
+        done[arch] = (runs / arch, train(config))
+    return done
+
+
+@pytest.fixture(scope="session")
+def checkpoints(trained) -> list[str]:
+    """The best checkpoints of ``trained``: U-Net first, then ResUNet."""
+    return [str(trained[arch][0] / "best") for arch in ("unet", "resunet")]
+
+
+# --------------------------------------------------------------------------- processes
+
+# Importing torch, timm and segmentation_models_pytorch costs about 10 s of CPU, more than
+# most runs the tests start. A fork server imports them once per test run and every run
+# below is a fresh process forked from it: its own exit code, signals, limits, stdout and
+# stderr, as with `python ...`, without paying the imports again. Modules missing here are
+# skipped by the server (a preload ImportError is ignored).
+PRELOAD = ["torch", "accelerate", "safetensors.torch", "segmentation_models_pytorch", "webdataset",
+           "matplotlib.pyplot", "liverseg.train", "liverseg.evaluate", "liverseg.eval_cli"]
+_SERVER = multiprocessing.get_context("forkserver")
+_SERVER.set_forkserver_preload(PRELOAD)
+
+
+def _run_forked(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str,
+                address_space: int | None, peak: str) -> None:
+    """The child: run ``python ARGV`` (``-c CODE ...``, ``-m MODULE ...`` or ``SCRIPT ...``)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    if address_space is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    if env.get("OMP_NUM_THREADS"):  # read by the OpenMP runtime when torch loaded, in the server
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        if argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path.insert(0, "")
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+        elif argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path.insert(0, cwd)
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path.insert(0, str(Path(argv[0]).resolve().parent))
+            runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # a forked child leaves with os._exit: run what Python's exit would
+        Path(peak).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def run_python(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+               timeout: float = 300, address_space: int | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run([sys.executable, *argv], capture_output=True, text=True)``, in a
+    process forked from the warm server (see PRELOAD). ``address_space`` caps the child's
+    virtual memory (RLIMIT_AS) before it runs anything. A child killed by signal N returns
+    -N, as subprocess reports it. The result's ``peak_mb`` is the child's peak resident
+    memory (the server's pages it started with included), None if it was killed."""
+    import tempfile
+
+    args = [str(a) for a in argv]
+    with tempfile.TemporaryDirectory(prefix="run-python-") as folder:
+        out, err, peak = (os.path.join(folder, name) for name in ("stdout", "stderr", "peak"))
+        child = _SERVER.Process(target=_run_forked, args=(args, dict(os.environ if env is None else env),
+                                                           str(cwd or os.getcwd()), out, err, address_space, peak))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+        text = [Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in (out, err)]
+        done = subprocess.CompletedProcess([sys.executable, *args], child.exitcode, *text)
+        done.peak_mb = int(Path(peak).read_text()) / 1024 if os.path.exists(peak) else None
+    return done
+
+
+def console_script(name: str) -> list[str]:
+    """``run_python`` arguments that run the installed console script ``name``."""
+    code = ("import sys\nfrom importlib.metadata import entry_points\n"
+            f"sys.argv[0] = {name!r}\n"
+            f"sys.exit(entry_points(group='console_scripts', name={name!r})[{name!r}].load()())\n")
+    return ["-c", code]
+
+
+def accelerate_launch(*args: str | Path) -> list[str]:
+    """The command of ``accelerate launch ARGS`` with this interpreter (not whichever
+    ``accelerate`` is first on PATH): the one way the tests start launchers."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]

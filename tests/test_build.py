@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +18,7 @@ from shardgen.build import BuildConfig, build_shards
 from shardgen.errors import ShardgenError
 from shardgen.format import decode_sample, stack_stream
 from shardgen.manifest import merge_manifests, read_manifest
-from shardgen.orientation import to_canonical
+from shardgen.orientation import canonical_spacing, to_canonical
 from shardgen.preprocess import Preprocessing, preprocess_image, preprocess_label, stack_context
 
 
@@ -39,7 +37,8 @@ def source_slices(manifest: dict, case: str, settings: Preprocessing):
     img, seg = nib.load(entry["image"]), nib.load(entry["label"])
     image = to_canonical(np.asanyarray(img.dataobj), img.affine)
     label = to_canonical(np.asanyarray(seg.dataobj), img.affine)
-    return preprocess_image(image, settings), preprocess_label(label, settings)
+    pixel_mm = canonical_spacing(img.affine)[1:]
+    return preprocess_image(image, settings, pixel_mm), preprocess_label(label, settings, pixel_mm)
 
 
 def test_round_trip_phantom_to_webdataset_reader(phantom_dir, tmp_path):
@@ -187,26 +186,65 @@ def test_resume_rewrites_what_it_cannot_trust(tmp_path, name, change):
 
 
 def cli_build(inp: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "shardgen.cli", "build", "--input", str(inp), "--out", str(out),
-            "--size", "128", "--background-fraction", "1"]
+    return ["build", "--input", str(inp), "--out", str(out), "--size", "128", "--background-fraction", "1"]
 
 
-def test_kill_and_resume_ends_with_the_same_shards(tmp_path):
+# Runs `liverseg-shards build` in this process after arranging a SIGKILL of it at a chosen
+# point: when the Nth sample of the run is about to be written (a shard half written), or
+# right after the Nth shard file is closed (complete, not yet renamed into place).
+KILLER = """
+import os, runpy, signal, sys
+from shardgen.format import ShardWriter
+
+where, at = sys.argv[1], int(sys.argv[2])
+sys.argv = ["liverseg-shards", *sys.argv[3:]]
+calls = {"n": 0}
+
+def count():
+    calls["n"] += 1
+    if calls["n"] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "sample":
+    write = ShardWriter.write
+    def counted_write(self, sample):
+        count()
+        return write(self, sample)
+    ShardWriter.write = counted_write
+else:
+    close = ShardWriter.__exit__
+    def counted_close(self, *exc):
+        close(self, *exc)
+        count()
+    ShardWriter.__exit__ = counted_close
+runpy.run_module("shardgen.cli", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def clean_build(tmp_path_factory) -> tuple[Path, Path]:
+    """Eight cases and their shards built without interruption: (inputs, shards)."""
+    root = tmp_path_factory.mktemp("kill")
     for i in range(8):
-        write_blob_case(tmp_path / "in", i)
-    subprocess.run(cli_build(tmp_path / "in", tmp_path / "clean"), check=True, capture_output=True)
-    proc = subprocess.Popen(cli_build(tmp_path / "in", tmp_path / "killed"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not list((tmp_path / "killed").glob(".records/*.json")) and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "manifest.json").exists(), "build finished before the kill"
-    subprocess.run(cli_build(tmp_path / "in", tmp_path / "killed"), check=True, capture_output=True)
-    assert tars(tmp_path / "killed") == tars(tmp_path / "clean")
-    assert read_manifest(tmp_path / "killed")["shards"] == read_manifest(tmp_path / "clean")["shards"]
-    assert not list((tmp_path / "killed").glob("*.tmp"))
+        write_blob_case(root / "in", i)
+    subprocess.run([sys.executable, "-m", "shardgen.cli", *cli_build(root / "in", root / "clean")], check=True,
+                   capture_output=True)
+    return root / "in", root / "clean"
+
+
+@pytest.mark.parametrize("where, at", [("sample", 30), ("shard", 3)], ids=["mid-shard", "before-rename"])
+def test_kill_and_resume_ends_with_the_same_shards(clean_build, tmp_path, where, at):
+    inputs, clean = clean_build
+    killed = tmp_path / "killed"
+    done = subprocess.run([sys.executable, "-c", KILLER, where, str(at), *cli_build(inputs, killed)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (killed / "manifest.json").exists() and 0 < len(tars(killed)) < len(tars(clean))
+    assert [p for p in killed.iterdir() if p.name.endswith(".tmp")], "the kill should leave a shard unfinished"
+    subprocess.run([sys.executable, "-m", "shardgen.cli", *cli_build(inputs, killed)], check=True, capture_output=True)
+    assert tars(killed) == tars(clean)
+    assert read_manifest(killed)["shards"] == read_manifest(clean)["shards"]
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp")], "unfinished files are cleared"
 
 
 def test_shardgen_never_imports_torch(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import click
+import pytest
 from click.testing import CliRunner
 
 from shardgen.cli import main
@@ -22,7 +24,7 @@ def test_phantom_build_inspect(tmp_path):
     assert "wrote" in out and (tmp_path / "sh" / "manifest.json").exists()
     manifest = json.loads((tmp_path / "sh" / "manifest.json").read_text())
     assert manifest["preprocessing"] == {"window": [-100.0, 400.0], "size": 32, "context": 2,
-                                         "orientation": "SPL"}
+                                         "orientation": "SPL", "spacing_mm": None}
     report = run("inspect", tmp_path / "sh", "--count", 4)
     assert "train" in report and "context 2 (5 channels)" in report
     assert (tmp_path / "sh" / "inspect.png").read_bytes()[:4] == b"\x89PNG"
@@ -53,6 +55,36 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path):
     assert taken.read_text() == "kept"
 
 
-def test_help_explains_every_command():
-    for command in ("phantom", "build", "merge", "inspect", "verify"):
-        assert "Usage" in run(command, "--help")
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_help_shows_the_command_its_arguments_and_every_option(name):
+    command = main.commands[name]
+    shown = words(run(name, "--help"))
+    usage = shown[:shown.index(" Options:")] if " Options:" in shown else shown
+    assert usage.startswith(f"Usage: main {name} ") and words(command.help.split("\n\n")[0]) in usage
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            assert param.human_readable_name in usage, param.name
+            continue
+        assert all(opt in shown for opt in param.opts), param.opts
+        if param.help:
+            assert words(param.help) in shown, param.opts
+        if param.show_default and param.default is not None and not param.is_flag:
+            assert f"[default: {param.default}" in shown, param.opts
+
+
+def test_every_command_is_listed_with_its_summary():
+    shown = words(run("--help"))
+    listed = shown[shown.index("Commands:"):]
+    for name, command in main.commands.items():
+        assert f" {name} {words(command.help)[:30]}" in listed, name  # the start of its summary
+
+
+def test_build_with_a_chosen_pixel_size_records_it(tmp_path):
+    run("phantom", "--out", tmp_path / "ph", "--cases", 2, "--size", 32, "--slices", "6,8")
+    run("build", "--input", tmp_path / "ph", "--out", tmp_path / "sh", "--size", 32, "--spacing-mm", 9.5)
+    manifest = json.loads((tmp_path / "sh" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["spacing_mm"] == 9.5

@@ -10,18 +10,12 @@ import pytest
 
 from liverseg.data import (LoaderSettings, StreamSpec, open_shards, split_shards, train_loader,
                            val_loader)
-from liverseg.errors import ConfigError
-from shardgen.errors import ShardError
-from shardgen.build import BuildConfig, build_shards
-from shardgen.preprocess import Preprocessing
+from shardgen.errors import ShardError, ShardgenError
 
 
 @pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=32),
-                             fractions=(0.5, 0.5, 0.0)))
-    return out
+def shards(train_shards):
+    return train_shards
 
 
 def spec_of(n_shards: int, world: int = 1, workers: int = 0, **changes) -> StreamSpec:
@@ -71,7 +65,7 @@ def test_training_batches_are_uint8_stacks_and_endless(shards):
     total_targets = source.manifest["totals"]["train"]["targets"]
     batches = list(itertools.islice(iter(train_loader(source, 1, settings)), total_targets))  # > one pass
     images, masks = batches[0]
-    assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 32, 32)
+    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
     assert str(images.dtype) == "torch.uint8" and int(masks.max()) <= 2
     assert len(batches) == total_targets
 
@@ -107,7 +101,7 @@ def test_pipe_location_reads_manifest_and_shards(shards):
     ("pipe:cat /nonexistent/{}", "failed"),
 ])
 def test_bad_locations_are_one_line_errors(location, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ShardgenError, match=message):
         open_shards(location)
 
 
@@ -128,7 +122,7 @@ def test_manifest_shard_paths_that_leave_the_folder_or_reach_a_shell_are_refused
     manifest["shards"][0]["path"] = path
     (copy / "manifest.json").write_text(json.dumps(manifest))
     for location in (str(copy), f"pipe:cat {copy}/{{}}"):
-        with pytest.raises(ConfigError, match="refused shard path"):
+        with pytest.raises(ShardgenError, match="refused shard path"):
             open_shards(location)
     assert not list(tmp_path.rglob("PWNED")) and not (Path.cwd() / "PWNED").exists()
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from nibabel import orientations as ornt
 from pydicom import encaps
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1,
                          generate_uid)
 
 from conftest import blob_case, save_canonical
@@ -295,8 +295,8 @@ REJECTED = [
     ("non-orthogonal orientation", not_orthogonal, None, False, "ImageOrientationPatient is not two orthogonal unit vectors"),
     ("inconsistent orientation", inconsistent, None, False, "inconsistent ImageOrientationPatient"),
     ("JPEG 2000 that cannot be decoded", compressed(JPEG2000Lossless), None, True, "cannot decode the pixel data ("),
-    ("JPEG-LS without a decoder", compressed(JPEGLSLossless), None, True,
-     "compressed pixel data (JPEG-LS Lossless Image Compression) and no decoder for it is installed"),
+    ("JPEG Lossless without a decoder", compressed(JPEGLosslessSV1), None, True,
+     "compressed pixel data (JPEG Lossless, Non-Hierarchical, First-Order Prediction"),
 ]
 
 

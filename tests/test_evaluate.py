@@ -17,43 +17,26 @@ import torch
 from click.testing import CliRunner
 
 from liverseg import lits, oracle, report
-from liverseg.augment import AugmentConfig
-from liverseg.config import TrainConfig
 from liverseg.errors import ConfigError
 from liverseg.eval_cli import main as eval_main
-from liverseg.evaluate import (POSTPROCESSED, EvalConfig, choose_min_lesion_volume, cutoff_dice, find_cases,
-                               run_evaluation, tumour_dice, tune_postprocess)
+from liverseg.config import EvalConfig
+from liverseg.evaluate import POSTPROCESSED, find_cases, run_evaluation
+from liverseg.tune import choose_min_lesion_volume, cutoff_dice, tumour_dice, tune_postprocess
 from liverseg.inference import load_members, predict_volume
 from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, Postprocess, RemoveSmallLesions, default_postprocess,
                                   with_min_lesion_volume)
-from liverseg.train import train
-from shardgen.build import BuildConfig, build_shards
 from shardgen.manifest import read_manifest
 from shardgen.nifti import load_case
-from shardgen.preprocess import Preprocessing
 
-from conftest import write_blob_case
+from conftest import accelerate_launch, write_blob_case
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["unet", "resunet", "ensemble", POSTPROCESSED]
 
 
 @pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval-shards")
-    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
-                             fractions=(0.5, 0.17, 0.33)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoints(shards, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    for arch in ("unet", "resunet"):  # the U-Net learns with left-right flips: --tta flips uses them
-        train(TrainConfig(shards=str(shards), out=str(runs / arch), arch=arch, encoder="resnet18",
-                          steps=3, batch_size=2, val_every=3, save_every=3, workers=0,
-                          shuffle_buffer=8, warmup_steps=1, augment=AugmentConfig(flip_lr=0.5 if arch == "unet" else 0.0)))
-    return [str(runs / "unet" / "best"), str(runs / "resunet" / "best")]
+def shards(train_shards):
+    return train_shards
 
 
 def test_ensemble_of_two_checkpoints_writes_every_output(shards, checkpoints, tmp_path):
@@ -214,10 +197,9 @@ def test_manifest_split_reads_cases_from_their_source_files(shards):
 def test_two_processes_split_the_cases_and_the_main_one_reports(shards, checkpoints, tmp_path):
     out = tmp_path / "eval"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2",
-               "-m", "liverseg.eval_cli", "run", "--checkpoint", checkpoints[0],
-               "--data", str(shards), "--out", str(out), "--postprocess", "none"]
+    command = accelerate_launch("--config_file", ROOT / "accelerate_configs" / "cpu.yaml", "--num_processes", "2",
+                                "-m", "liverseg.eval_cli", "run", "--checkpoint", checkpoints[0],
+                                "--data", shards, "--out", out, "--postprocess", "none")
     done = subprocess.run(command, capture_output=True, text=True, timeout=220, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -275,7 +257,7 @@ def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_cho
     chains = {v: with_min_lesion_volume(default_postprocess(), v) for v in MIN_LESION_CANDIDATES_MM3}
     for source in find_cases(shards, "val", with_labels=True)[0]:
         case = load_case(source.image, source.label)
-        labels = predict_volume(members, case.image, torch.device("cpu"), 16).labels["ensemble"]
+        labels = predict_volume(members, case.image, case.spacing, torch.device("cpu"), 16).labels["ensemble"]
         expected = cutoff_dice(labels, case.label == 2, case.spacing, chains)
         assert report["cases"][source.case] == {f"{v:g}": pytest.approx(d) for v, d in expected.items()}
     means = {v: np.mean([report["cases"][c][f"{v:g}"] for c in val_cases]) for v in MIN_LESION_CANDIDATES_MM3}

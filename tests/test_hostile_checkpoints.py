@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,10 +15,11 @@ import torch
 from liverseg import models
 from liverseg.errors import CheckpointError
 from liverseg.inference import load_members
-from liverseg.models import CONFIG_FILE, MODEL_FILE, ModelSpec, create_model, export_checkpoint, load_checkpoint
+from liverseg.checkpoint import CONFIG_FILE, MODEL_FILE, ModelSpec, export_checkpoint, load_checkpoint
+from liverseg.models import create_model
 from shardgen.preprocess import Preprocessing
 
-from conftest import write_blob_case
+from conftest import console_script, run_python, write_blob_case
 
 CHECK_SECONDS = 0.25  # the checks read a few kB of JSON (about a millisecond); no model is built
 GOOD_EXTRA = {"preprocessing": Preprocessing(size=64, context=1).to_dict(),
@@ -196,24 +195,13 @@ def test_export_refuses_settings_that_would_not_load(tmp_path):
 ADDRESS_SPACE = 4 << 30  # torch and the rest need about 3 GB of it; 10^8 classes alone would need 6 GB
 
 
-def limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
-
 def run_eval(command: str, checkpoint: Path, data: Path, out: Path) -> tuple[int, str, float]:
-    """`liverseg-eval COMMAND` on CPU with a capped address space: exit code, stderr and
-    the peak resident memory in MB of that process alone (wait4, not RUSAGE_CHILDREN)."""
+    """`liverseg-eval COMMAND` on CPU with a capped address space, in a process of its own:
+    exit code, stderr and that process's peak resident memory in MB."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CUDA would reserve more address space than the cap
-    with open(out.with_suffix(".err"), "w+") as err:
-        process = subprocess.Popen(["liverseg-eval", command, "--checkpoint", str(checkpoint), "--data", str(data),
-                                    "--out", str(out)], stdout=subprocess.DEVNULL, stderr=err, env=env,
-                                   preexec_fn=limit_memory)
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            process.returncode = 0  # reaped by wait4: Popen must not wait again
-        err.seek(0)
-        return os.waitstatus_to_exitcode(status), err.read(), usage.ru_maxrss / 1024
+    done = run_python([*console_script("liverseg-eval"), command, "--checkpoint", checkpoint, "--data", data,
+                       "--out", out], env=env, address_space=ADDRESS_SPACE)
+    return done.returncode, done.stderr, done.peak_mb
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +213,8 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def baseline_mb(data, tmp_path_factory) -> float:
-    """The CLI's peak memory when it stops at a missing checkpoint: imports only."""
+    """The CLI's peak memory when it stops at a missing checkpoint: the libraries loaded
+    (run_python's processes start with the model stack imported), nothing allocated."""
     code, _, peak = run_eval("run", Path("/nonexistent/checkpoint"), data, tmp_path_factory.mktemp("base") / "out")
     assert code == 1
     return peak

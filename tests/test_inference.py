@@ -13,8 +13,9 @@ from liverseg import lits
 from liverseg.errors import ConfigError
 from liverseg.inference import (ENSEMBLE, Member, flips, load_members, member_name, predict_volume,
                                 prediction_name, preprocess_torch, tta_note, write_labels)
-from liverseg.models import ModelSpec, create_model, export_checkpoint
-from shardgen.nifti import load_case
+from liverseg.checkpoint import ModelSpec, export_checkpoint
+from liverseg.models import create_model
+from shardgen.nifti import load_case, load_image
 from shardgen.preprocess import Preprocessing, preprocess_image
 
 from conftest import save_canonical
@@ -57,7 +58,7 @@ def test_prediction_has_the_inputs_shape_and_affine(tmp_path, size, min_dice, de
     vol, seg = geometry_case(tmp_path)
     case = load_case(vol, seg)
     member = Member("oracle", tmp_path, Oracle(), Preprocessing(size=size, context=1))
-    pred = predict_volume([member], case.image, torch.device(device), batch_size=4)
+    pred = predict_volume([member], case.image, case.spacing, torch.device(device), batch_size=4)
     assert pred.labels[ENSEMBLE] is pred.labels["oracle"]  # one member: its labels are the ensemble's
     out = write_labels(tmp_path / "out" / prediction_name("volume-7", True), pred.labels[ENSEMBLE], case.affine)
     written, truth = nib.load(out), nib.load(seg)
@@ -75,13 +76,36 @@ def test_prediction_has_the_inputs_shape_and_affine(tmp_path, size, min_dice, de
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, spacing, size, min_dice", [
+    ((9, 72, 100), (5.0, 0.7, 0.7), 100, 1.0),  # the slice's own pixels: rows padded, exact
+    ((9, 100, 72), (5.0, 0.6, 0.9), 64, 0.9),   # non-square pixels: resampled, columns padded
+], ids=["non-square-grid-native", "non-square-pixels-to-64"])
+def test_prediction_of_a_non_square_slice_comes_back_on_its_grid(tmp_path, shape, spacing, size, min_dice, device):
+    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    centre = (np.array(shape) - 1) / 2
+    r2 = sum(((g - c) * d / 25.0) ** 2 for g, c, d in zip((zz, yy, xx), centre, spacing))
+    label = (r2 < 1).astype(np.uint8)
+    label[r2 < 0.2] = 2
+    label[:, 5:12, 3:9] = 1  # off-centre, asymmetric: a flip or a shift would show
+    save_canonical(tmp_path / "volume-1.nii.gz", np.vectorize(HU.get)(label).astype(np.int16), spacing=spacing)
+    case = load_image(tmp_path / "volume-1.nii.gz")
+    member = Member("oracle", tmp_path, Oracle(), Preprocessing(size=size, context=1))
+    got = predict_volume([member], case.image, case.spacing, torch.device(device), batch_size=4).labels[ENSEMBLE]
+    assert got.shape == label.shape
+    for mask in (lambda a: a >= 1, lambda a: a == 2):
+        assert lits.binary_scores(mask(got), mask(label), spacing)["dice"] >= min_dice
+    if min_dice == 1.0:
+        assert np.array_equal(got, label)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ensemble_averages_probabilities_and_flips_change_nothing_for_a_symmetric_model(tmp_path, device):
     vol, seg = geometry_case(tmp_path)
     case = load_case(vol, seg)
     pre = Preprocessing(size=64, context=1)
     members = [Member("a", tmp_path, Oracle(), pre), Member("b", tmp_path, Oracle(), pre)]
-    plain = predict_volume(members, case.image, torch.device(device), batch_size=3)
-    flipped = predict_volume(members, case.image, torch.device(device), batch_size=5, tta="flips")
+    plain = predict_volume(members, case.image, case.spacing, torch.device(device), batch_size=3)
+    flipped = predict_volume(members, case.image, case.spacing, torch.device(device), batch_size=5, tta="flips")
     assert set(plain.labels) == {"a", "b", ENSEMBLE}
     assert np.array_equal(plain.labels["a"], plain.labels[ENSEMBLE])
     assert np.array_equal(plain.labels[ENSEMBLE], flipped.labels[ENSEMBLE])
@@ -110,16 +134,17 @@ def test_tta_flips_only_the_ways_each_model_was_trained(tmp_path):
     assert flips("flips", {"flip_lr": 0.5, "flip_ud": 0.0}) == [(), (3,)]
     assert flips("flips", {"flip_lr": 0.0, "flip_ud": 0.0}) == [()]
     vol, seg = geometry_case(tmp_path)
-    image = load_case(vol, seg).image
+    case = load_case(vol, seg)
+    image, spacing = case.image, case.spacing
     pre = Preprocessing(size=64, context=0)
     plain = predict_volume([Member("m", tmp_path, LeftSided(), pre, trained({"flip_lr": 0.0}))],
-                           image, torch.device("cpu"), batch_size=4, tta="flips").labels["m"]
+                           image, spacing, torch.device("cpu"), batch_size=4, tta="flips").labels["m"]
     half = plain.shape[-1] // 2  # 384 wide; the resize from 64 blurs the middle column or so
     assert (plain[..., :half - 4] == 2).all() and (plain[..., half + 4:] == 1).all()
     # trained with left-right flips: the flipped pass (liver left, tumour right) is averaged in,
     # ties go to the lower class, so the whole slice becomes liver
     mixed = predict_volume([Member("m", tmp_path, LeftSided(), pre, trained({"flip_lr": 0.5}))],
-                           image, torch.device("cpu"), batch_size=4, tta="flips").labels["m"]
+                           image, spacing, torch.device("cpu"), batch_size=4, tta="flips").labels["m"]
     assert (mixed == 1).all()
     untrained = [Member("a", tmp_path, LeftSided(), pre, trained({"flip_lr": 0.0, "flip_ud": 0.0}))]
     assert "no checkpoint was trained with flips" in tta_note(untrained, "flips")
@@ -163,18 +188,23 @@ def test_prediction_names_follow_lits(case, compressed, name):
     assert prediction_name(case, compressed) == name
 
 
-@pytest.mark.parametrize("shape, size, dtype", [((40, 64, 64), 64, np.int16), ((37, 100, 90), 64, np.int16),
-                                                 ((5, 48, 40), 64, np.float32)])
-def test_preprocessing_on_an_accelerator_is_shardgens(shape, size, dtype):
+@pytest.mark.parametrize("shape, size, dtype, pixel_mm, spacing_mm", [
+    ((40, 64, 64), 64, np.int16, (0.8, 0.8), None),
+    ((37, 100, 90), 64, np.int16, (0.7, 0.7), None),
+    ((5, 48, 40), 64, np.float32, (1.0, 1.0), None),
+    ((6, 90, 70), 64, np.int16, (0.6, 0.9), None),   # non-square pixels: resampled and padded
+    ((6, 90, 70), 64, np.int16, (0.6, 0.9), 0.7),    # a chosen pixel size: cropped and padded
+])
+def test_preprocessing_on_an_accelerator_is_shardgens(shape, size, dtype, pixel_mm, spacing_mm):
     """The torch preprocessing that inference runs on an accelerator (here run on the CPU)
     gives the slices shardgen writes into shards: identical without a resize, at most one
     grey level apart (rounding at a half) in a few pixels with one."""
     hu = np.random.default_rng(sum(shape)).normal(100, 300, shape).astype(dtype)
-    pre = Preprocessing(size=size)
-    ours = preprocess_torch(torch.from_numpy(hu), pre)
+    pre = Preprocessing(size=size, spacing_mm=spacing_mm)
+    ours = preprocess_torch(torch.from_numpy(hu), pre, pixel_mm)
     assert np.array_equal(hu, np.random.default_rng(sum(shape)).normal(100, 300, shape).astype(dtype))  # input untouched
     assert ours.dtype == torch.uint8 and tuple(ours.shape) == (shape[0], size, size)
-    diff = np.abs(ours.numpy().astype(int) - preprocess_image(hu, pre).astype(int))
+    diff = np.abs(ours.numpy().astype(int) - preprocess_image(hu, pre, pixel_mm).astype(int))
     if shape[1:] == (size, size):
         assert diff.max() == 0
     else:

@@ -15,6 +15,8 @@ from scipy import ndimage as ndi
 
 from conftest import labels
 from liverseg import lits
+from liverseg import morphology
+from liverseg.vocabulary import METRICS
 
 NAN = math.nan
 
@@ -66,9 +68,9 @@ BINARY_CASES = [
                          ids=[c[0] for c in BINARY_CASES])
 def test_binary_scores_hand_computed(pred, ref, spacing, expected):
     scores = lits.binary_scores(pred, ref, spacing)
-    assert set(lits.METRICS) | set(lits.COUNTS) <= set(scores)
+    assert set(METRICS) | set(lits.COUNTS) <= set(scores)
     assert {k: scores[k] for k in expected} == approx(expected)
-    assert not any(math.isinf(scores[m]) for m in lits.METRICS)
+    assert not any(math.isinf(scores[m]) for m in METRICS)
 
 
 def test_surface_distances_of_a_z_shift():
@@ -90,9 +92,9 @@ def test_surface_distances_to_nothing_are_nan(pred, ref, expected):
 
 def test_array_border_is_surface():
     full = np.ones((4, 5, 6), bool)
-    assert np.count_nonzero(lits.surface(full)) == full.size - 2 * 3 * 4
+    assert np.count_nonzero(morphology.surface(full)) == full.size - 2 * 3 * 4
     inner = np.pad(full, 1)
-    assert np.array_equal(lits.surface(inner)[1:-1, 1:-1, 1:-1], lits.surface(full))
+    assert np.array_equal(morphology.surface(inner)[1:-1, 1:-1, 1:-1], morphology.surface(full))
 
 
 # --------------------------------------------------------------------------- vs MONAI
@@ -138,7 +140,7 @@ def test_surface_distances_agree_with_monai(seed, shape, far):
 def test_surface_distances_are_the_edt_at_each_surface_voxel(seed, shape, far):
     """In C order, each distance is the EDT (sampling=spacing) of the other surface there."""
     pred, ref, spacing = blobs(seed, shape, far)
-    surf_pred, surf_ref = lits.surface(pred), lits.surface(ref)
+    surf_pred, surf_ref = morphology.surface(pred), morphology.surface(ref)
     to_ref, _ = lits.surface_distances(pred, ref, spacing)
     edt = ndi.distance_transform_edt(~surf_ref, sampling=spacing)
     np.testing.assert_allclose(to_ref, edt[surf_pred], rtol=1e-12)
@@ -305,7 +307,7 @@ def test_score_case_rejects_mismatched_shapes():
 
 def fake_case(tp, pred_voxels, ref_voxels, dice, lesions=(), burden=(0.0, 0.0), det=(0, 0, 0)) -> dict:
     scores = {"tp": tp, "pred_voxels": pred_voxels, "ref_voxels": ref_voxels,
-              **dict.fromkeys(lits.METRICS, dice)}
+              **dict.fromkeys(METRICS, dice)}
     return {"liver": scores, "tumour": {**scores, "dice": NAN},
             "lesions": {"tp": det[0], "fp": det[1], "fn": det[2], "lesions": list(lesions),
                         "ref_lesions": len(lesions), "pred_lesions": det[0] + det[1]},
@@ -449,11 +451,11 @@ def test_lesions_are_counted_as_lits_counts_them():
 
 def test_bounding_box():
     a = np.zeros((5, 6, 7), np.uint8)
-    assert lits.bounding_box(a) is None
+    assert morphology.bounding_box(a) is None
     a[1, 2, 3] = a[2, 4, 6] = 2
-    assert lits.bounding_box(a) == (slice(1, 3), slice(2, 5), slice(3, 7))
-    assert lits.bounding_box(a, 1) == (slice(0, 4), slice(1, 6), slice(2, 7))
-    assert lits.bounding_box(a.astype(bool), (0, 2, 0)) == (slice(1, 3), slice(0, 6), slice(3, 7))
+    assert morphology.bounding_box(a) == (slice(1, 3), slice(2, 5), slice(3, 7))
+    assert morphology.bounding_box(a, 1) == (slice(0, 4), slice(1, 6), slice(2, 7))
+    assert morphology.bounding_box(a.astype(bool), (0, 2, 0)) == (slice(1, 3), slice(0, 6), slice(3, 7))
 
 
 def test_scoring_modules_do_not_import_torch():

@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from conftest import labels
 from liverseg import lits
 from liverseg import lits_official as official
+from liverseg import morphology
 from liverseg.scoring import read_pair
 
 GOLDEN = Path(__file__).parents[2] / "shared" / "lits-golden"
@@ -142,7 +143,7 @@ NO_EDGE[1, 1, 2] = False  # the centre loses one of its 18 neighbours, keeps its
 def test_surface_neighbourhood(name, mask, connectivity, centre_is_surface):
     """Every voxel of a 3×3×3 cube but its centre is surface; the centre is too once it
     misses a neighbour of the neighbourhood."""
-    surf = lits.surface(mask, connectivity)
+    surf = morphology.surface(mask, connectivity)
     assert np.count_nonzero(surf) == np.count_nonzero(mask) - (not centre_is_surface)
     assert bool(surf[2, 2, 2]) == centre_is_surface
 
@@ -153,12 +154,12 @@ def test_surface_is_the_mask_minus_scipys_erosion(connectivity):
     rng = np.random.default_rng(connectivity)
     for _ in range(5):
         mask = ndi.binary_dilation(rng.random((7, 9, 8)) > 0.85)  # touches the border too
-        assert np.array_equal(lits.surface(mask, connectivity), mask & ~ndi.binary_erosion(mask, structure))
+        assert np.array_equal(morphology.surface(mask, connectivity), mask & ~ndi.binary_erosion(mask, structure))
 
 
 def test_a_surface_neighbourhood_other_than_6_18_26_is_refused():
     with pytest.raises(ValueError, match="6, 18 or 26"):
-        lits.surface(CUBE, 8)
+        morphology.surface(CUBE, 8)
 
 
 @pytest.mark.parametrize("name, pred_voxels, ref_voxels, rvd", [

@@ -15,11 +15,11 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from liverseg import models
+from liverseg import models, resunet
+from liverseg.checkpoint import CONFIG_FILE, MODEL_FILE, ModelSpec, export_checkpoint, load_checkpoint
 from liverseg.errors import CheckpointError, ConfigError, LiversegError
-from liverseg.models import (ARCHITECTURES, CONFIG_FILE, MODEL_FILE, DecoderStage, ModelSpec,
-                             ResidualUnit, ResUNet, create_model, export_checkpoint,
-                             load_checkpoint)
+from liverseg.models import ARCHITECTURES, create_model
+from liverseg.resunet import DecoderStage, ResidualUnit, ResUNet
 
 ENCODER = "resnet18"
 SIZE = 64
@@ -132,7 +132,7 @@ def test_scse_follows_every_stage_only_when_asked():
     plain = create_model("resunet", ENCODER)
     attended = create_model("resunet", ENCODER, attention="scse")
     assert all(isinstance(s.attention, nn.Identity) for s in plain.decoder.stages)
-    assert all(isinstance(s.attention, models.SCSE) for s in attended.decoder.stages)
+    assert all(isinstance(s.attention, resunet.SCSE) for s in attended.decoder.stages)
 
 
 SHORTCUT_CASES = {

@@ -1,6 +1,7 @@
 """accelerate_configs/multi_node.yaml, proven on one machine: two launchers on localhost
 (machine ranks 0 and 1, one CPU process each, gloo) train exactly what one launcher with
-two processes trains.
+two processes trains; and on shards that two ranks cannot share equally, every rank of
+either run ends at the same step.
 
 Only train.py's command line is relied on: the flags, the ``last/`` export and the
 "rank R/W finished at step S" line every rank prints.
@@ -24,6 +25,8 @@ from shardgen.build import BuildConfig, build_shards
 from shardgen.manifest import read_manifest
 from shardgen.phantom import write_phantoms
 from shardgen.preprocess import Preprocessing
+
+from conftest import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "accelerate_configs" / "multi_node.yaml"
@@ -74,8 +77,8 @@ def launch_env() -> dict[str, str]:
 
 def start(machine_flags: list[str], shards: Path, out: Path, log: Path) -> subprocess.Popen:
     """One `accelerate launch` of launch/train.py, as one machine would run it."""
-    command = ["accelerate", "launch", "--config_file", str(CONFIG), *machine_flags,
-               str(ROOT / "launch" / "train.py"), "--shards", str(shards), "--out", str(out), *TRAIN_FLAGS]
+    command = accelerate_launch("--config_file", CONFIG, *machine_flags, ROOT / "launch" / "train.py",
+                                "--shards", shards, "--out", out, *TRAIN_FLAGS)
     with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the launcher
         return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=launch_env())
 
@@ -142,7 +145,8 @@ def test_two_machines_on_localhost_train_what_one_machine_with_two_processes_tra
                     (machine_flags(2, 1, port), tmp_path / "two-machines", tmp_path / "machine-1.log"),
                     (machine_flags(1, 0, single_port), tmp_path / "one-machine", tmp_path / "one-machine.log")],
                    uneven_shards)
-    # each machine's launcher shows its own rank: machine_rank decided the global rank
+    # each machine's launcher shows its own rank: machine_rank decided the global rank; the
+    # ranks of both runs hold different sample counts yet all end at the same step
     assert [finished(log) for log in logs] == [{(0, 2, STEPS)}, {(1, 2, STEPS)},
                                                {(0, 2, STEPS), (1, 2, STEPS)}], logs
 

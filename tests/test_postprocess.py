@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from liverseg import postprocess as pp
+from liverseg import morphology
 from liverseg.errors import ConfigError
 from liverseg.postprocess import (FillLiverHoles, LargestLiverComponent, LiverClosing, LiverOpening,
                                   Postprocess, RemoveSmallLesions, TumourInsideLiver, default_postprocess)
@@ -100,7 +101,7 @@ def test_step(step, spacing, before, expected):
     (3.0, (2.5, 0.75, 0.75), 49 + 2 * 13)], ids=["zero", "below a voxel", "6-neighbours",
                                                      "one slice", "anisotropic"])
 def test_ellipsoid_offsets(radius, spacing, count):
-    offsets = pp.ellipsoid(radius, spacing)
+    offsets = morphology.ellipsoid(radius, spacing)
     assert len(offsets) == count
     assert ((offsets * spacing) ** 2).sum(axis=1).max() <= radius ** 2 + 1e-9
     assert [0, 0, 0] in offsets.tolist()
@@ -109,13 +110,13 @@ def test_ellipsoid_offsets(radius, spacing, count):
 @pytest.mark.parametrize("radius, spacing", [(2.0, (1.0, 0.75, 0.75)), (3.0, (5.0, 0.7, 0.7)),
                                              (4.2, (2.0, 1.0, 0.5)), (1.0, (1.0, 1.0, 1.0))])
 def test_morphology_equals_scipy(radius, spacing):
-    offsets = pp.ellipsoid(radius, spacing)
+    offsets = morphology.ellipsoid(radius, spacing)
     reach = np.abs(offsets).max(axis=0)
     structure = np.zeros(2 * reach + 1, bool)
     structure[tuple((offsets + reach).T)] = True
     mask = np.random.default_rng(0).random((14, 20, 20)) > 0.6
-    assert np.array_equal(pp.dilate(mask, offsets), ndi.binary_dilation(mask, structure))
-    assert np.array_equal(pp.erode(mask, offsets), ndi.binary_erosion(mask, structure, border_value=1))
+    assert np.array_equal(morphology.dilate(mask, offsets), ndi.binary_dilation(mask, structure))
+    assert np.array_equal(morphology.erode(mask, offsets), ndi.binary_erosion(mask, structure, border_value=1))
 
 
 def random_labels(seed: int, shape=(12, 20, 20)) -> np.ndarray:
@@ -173,7 +174,7 @@ def test_default_postprocess():
      "unknown postprocessing step 'largest_component'; valid names: largest_liver_component, "
      "fill_liver_holes, liver_opening, liver_closing, tumour_inside_liver, remove_small_lesions"),
     ({"steps": [{"name": "liver_closing", "radius": 3}]},
-     "step 'liver_closing' has no parameter 'radius'; valid parameters: radius_mm"),
+     "unknown parameters of step 'liver_closing' ['radius']; valid: radius_mm"),
     ({"steps": [{"name": "liver_closing", "radius_mm": -1}]}, "radius_mm must be a number >= 0"),
     ({"steps": [{"name": "remove_small_lesions", "min_volume_mm3": "10"}]}, "must be a number >= 0"),
     ({"steps": ["largest_liver_component"]}, "each step must be an object with a \"name\""),

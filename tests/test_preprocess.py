@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from shardgen.errors import ShardgenError
-from shardgen.preprocess import (Preprocessing, context_indices, preprocess_image,
+from shardgen.preprocess import (Preprocessing, SliceGeometry, context_indices, preprocess_image,
                                  interpolation_matrix, preprocess_label, resize_labels, resize_linear,
                                  window_scaled)
 
@@ -23,20 +23,21 @@ from shardgen.preprocess import (Preprocessing, context_indices, preprocess_imag
 ])
 def test_window_to_uint8(name, hu, expected):
     settings = Preprocessing(size=8)
-    out = preprocess_image(np.full((8, 8), hu, np.int16), settings)
+    out = preprocess_image(np.full((8, 8), hu, np.int16), settings, (1.0, 1.0))
     assert out.dtype == np.uint8 and (out == expected).all()
 
 
 def test_window_same_for_int_and_float_input():
     hu = np.arange(-300, 600, dtype=np.int16).reshape(30, 30)
     settings = Preprocessing(size=30)
-    assert (preprocess_image(hu, settings) == preprocess_image(hu.astype(np.float32), settings)).all()
+    assert (preprocess_image(hu, settings, (0.8, 0.8))
+            == preprocess_image(hu.astype(np.float32), settings, (0.8, 0.8))).all()
 
 
 @pytest.mark.parametrize("shape, size", [((64, 64), 32), ((48, 80), 64), ((30, 30), 90)])
 def test_linear_resize_matches_torch_antialiased_bilinear(shape, size):
     img = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    ours = resize_linear(img, (size, size))
+    ours = resize_linear(img, SliceGeometry.resize(shape, (size, size)))
     ref = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode="bilinear",
                         align_corners=False, antialias=True)[0, 0].numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4)
@@ -44,17 +45,17 @@ def test_linear_resize_matches_torch_antialiased_bilinear(shape, size):
 
 def test_resize_is_identity_at_same_size():
     img = np.random.default_rng(1).normal(size=(3, 16, 16)).astype(np.float32)
-    assert (resize_linear(img, (16, 16)) == img).all()
+    assert (resize_linear(img, SliceGeometry.resize((16, 16), (16, 16))) == img).all()
 
 
 def test_label_resize_keeps_label_values_and_geometry():
     label = np.zeros((64, 64), np.uint8)
     label[16:48, 8:24] = 1
     label[30:34, 12:16] = 2
-    small = resize_labels(label, (32, 32))
+    small = resize_labels(label, SliceGeometry.resize((64, 64), (32, 32)))
     assert set(np.unique(small)) == {0, 1, 2}
     assert (small[8:24, 4:12] >= 1).all() and small[:8].max() == 0
-    big = preprocess_label(small, Preprocessing(size=64))
+    big = preprocess_label(small, Preprocessing(size=64), (1.0, 1.0))
     assert (big == label).mean() > 0.98
 
 
@@ -73,7 +74,7 @@ def test_labels_stay_on_the_resized_images_grid(size):
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 70.0 ** 2
         label = disc.astype(np.uint8)
         label[(yy - cy) ** 2 + (xx - cx) ** 2 < 20.0 ** 2] = 2
-        small = preprocess_label(label, Preprocessing(size=size))
+        small = preprocess_label(label, Preprocessing(size=size), (0.7, 0.7))
         scale = 512 / size
         for mask_in, mask_out in ((label >= 1, small >= 1), (label == 2, small == 2)):
             expected = (centroid(mask_in) + 0.5) / scale - 0.5
@@ -86,13 +87,14 @@ def test_label_resize_matches_the_whole_slice_computation_and_keeps_empty_slices
     label = np.zeros((2, 96, 80), np.uint8)
     label[0, 30:61, 20:47] = 1
     label[0, 40:45, 25:33] = 2
-    small = resize_labels(label, (48, 40))
+    halves = SliceGeometry.resize((96, 80), (48, 40))
+    small = resize_labels(label, halves)
     rows, cols = interpolation_matrix(96, 48), interpolation_matrix(80, 40)
     for level in (1, 2):
         whole = rows @ (label >= level).astype(np.float32) @ cols.T
         differ = (small >= level) != (whole > 0.5)
         assert not differ[np.abs(whole - 0.5) > 1e-5].any()  # up to rounding at exactly half
-    assert small[1].max() == 0 and resize_labels(np.zeros((96, 80), np.uint8), (48, 40)).max() == 0
+    assert small[1].max() == 0 and resize_labels(np.zeros((96, 80), np.uint8), halves).max() == 0
 
 
 @pytest.mark.parametrize("name, z, depth, context, expected", [
@@ -107,10 +109,16 @@ def test_context_indices(name, z, depth, context, expected):
 
 
 def test_settings_round_trip_and_fingerprint():
-    settings = Preprocessing(window=(-50, 250), size=128, context=2)
+    settings = Preprocessing(window=(-50, 250), size=128, context=2, spacing_mm=1.5)
     again = Preprocessing.from_dict(settings.to_dict())
-    assert again == settings and again.channels == 5
+    assert again == settings and again.channels == 5 and again.spacing_mm == 1.5
     assert again.fingerprint() != Preprocessing().fingerprint()
+    assert Preprocessing(spacing_mm=1).fingerprint() != Preprocessing().fingerprint()
+
+
+def test_settings_recorded_before_the_pixel_size_setting_fit_the_field_of_view():
+    recorded = {"window": [-100.0, 400.0], "size": 64, "context": 1, "orientation": "SPL"}
+    assert Preprocessing.from_dict(recorded).spacing_mm is None
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -122,6 +130,11 @@ def test_settings_round_trip_and_fingerprint():
     ({"size": 64.0}, "size: .*whole number"),
     ({"context": -1}, r"context: .*0\.\.16"),
     ({"context": True}, "context: .*whole number"),
+    ({"spacing_mm": 0}, r"spacing_mm: .*\(0, 100\]"),
+    ({"spacing_mm": -1.0}, "spacing_mm: .*pixel size in mm"),
+    ({"spacing_mm": float("inf")}, "spacing_mm: .*pixel size in mm"),
+    ({"spacing_mm": "1"}, "spacing_mm: .*pixel size in mm"),
+    ({"spacing_mm": True}, "spacing_mm: .*pixel size in mm"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ShardgenError, match=message):

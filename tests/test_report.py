@@ -11,9 +11,11 @@ import struct
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
+from PIL import Image
 
-from liverseg import report
-from liverseg.report import METRICS
+from liverseg import report, tracking
+from liverseg.vocabulary import METRICS
 
 NAN = math.nan
 VARIANTS = ("unet", "ensemble+postprocess")
@@ -140,9 +142,79 @@ def test_panel_is_four_images_side_by_side(tmp_path, height, width):
     assert 0.6 * image_aspect < png_w / png_h < image_aspect * 1.1
 
 
-def test_panel_of_an_empty_slice_still_draws(tmp_path):
+LABEL_RGB = np.array([(0.0, 0.0, 0.0), to_rgb("#2ca02c"), to_rgb("#d62728")])  # background, liver, tumour
+
+
+def panel_images(path, shape: tuple[int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The four images of a panel PNG, each sampled at the centre of every slice pixel
+    (RGB in 0..1, ``shape`` + (3,)), and each image's area of the PNG at full resolution.
+    The label images are found by their black background; the other two lie beside them
+    at the same spacing."""
+    png = np.asarray(Image.open(path).convert("RGB")).astype(float) / 255
+    black = png.max(axis=2) == 0
+    per_column = black.sum(axis=0)
+    columns = np.flatnonzero(per_column > 0.25 * per_column.max())
+    runs = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    assert len(runs) == 2, f"{len(runs)} black-background images, expected truth and prediction"
+    per_row = black[:, runs[0][0]:runs[0][-1] + 1].sum(axis=1)
+    rows = np.flatnonzero(per_row > 0.25 * per_row.max())
+    step = runs[1][0] - runs[0][0]
+    left = [runs[0][0] - step, runs[0][0], runs[1][0], runs[1][0] + step]
+    width, height = runs[0][-1] - runs[0][0] + 1, rows[-1] - rows[0] + 1
+    centres_y = (rows[0] + (np.arange(shape[0]) + 0.5) * height / shape[0]).astype(int)
+    sampled = [png[centres_y][:, (x + (np.arange(shape[1]) + 0.5) * width / shape[1]).astype(int)] for x in left]
+    areas = [png[rows[0]:rows[-1] + 1, x:x + width] for x in left]
+    return sampled, areas
+
+
+def two_masks() -> dict:
+    """A slice where truth and prediction disagree: each has liver and a tumour elsewhere."""
+    truth, pred = np.zeros((2, 40, 48), np.uint8)
+    truth[8:32, 4:28] = 1
+    truth[14:22, 8:16] = 2  # missed: the prediction has background there
+    pred[8:32, 20:44] = 1
+    pred[18:26, 32:40] = 2  # a false tumour, where the truth has background
+    return {"title": "t", "ct": np.where(truth > 0, 100.0, -50.0), "truth": truth, "pred": pred,
+            "window": (-100, 200)}
+
+
+def near_edges(labels: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel of a class boundary, where outlines are drawn."""
+    from scipy import ndimage
+
+    edges = np.zeros(labels.shape, bool)
+    for k in (1, 2):
+        mask = labels >= k
+        edges |= ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+    return ndimage.binary_dilation(edges)
+
+
+def test_panel_shows_ct_truth_prediction_and_the_prediction_over_the_ct(tmp_path):
+    panel = two_masks()
+    (ct, truth, pred, overlay), areas = panel_images(report.write_panel(panel, tmp_path / "p.png"), (40, 48))
+    grey = np.clip((panel["ct"] + 100) / 300, 0, 1)[..., None]  # the CT in its window
+    assert np.abs(ct - grey).max() < 0.01
+    assert np.abs(truth - LABEL_RGB[panel["truth"]]).max() < 0.01
+    assert np.abs(pred - LABEL_RGB[panel["pred"]]).max() < 0.01
+    # the overlay: the CT where nothing is predicted, the class colour blended in where it is
+    plain = (panel["pred"] == 0) & ~near_edges(panel["truth"])
+    assert np.abs(overlay[plain] - grey[plain]).max() < 0.01
+    liver = overlay[(panel["pred"] == 1) & ~near_edges(panel["truth"])]
+    tumour = overlay[(panel["pred"] == 2) & ~near_edges(panel["truth"])]
+    assert (liver[:, 1] > liver[:, [0, 2]].max(axis=1) + 0.1).all()
+    assert (tumour[:, 0] > tumour[:, 1:].max(axis=1) + 0.1).all()
+    # the missed tumour is outlined in the tumour colour over plain CT
+    rows, cols = slice(13 * areas[3].shape[0] // 40, 23 * areas[3].shape[0] // 40), \
+        slice(7 * areas[3].shape[1] // 48, 17 * areas[3].shape[1] // 48)
+    missed = areas[3][rows, cols]
+    assert ((missed[..., 0] > missed[..., 1] + 0.3) & (missed[..., 0] > missed[..., 2] + 0.3)).any()
+
+
+def test_panel_of_an_empty_slice_shows_no_class(tmp_path):
     empty = {**make_panel(), "truth": np.zeros((40, 48), np.uint8), "pred": np.zeros((40, 48), np.uint8)}
-    png_size(report.write_panel(empty, tmp_path / "empty.png"))
+    (ct, truth, pred, overlay), areas = panel_images(report.write_panel(empty, tmp_path / "empty.png"), (40, 48))
+    assert not truth.any() and not pred.any()
+    assert np.abs(overlay - ct).max() < 0.01 and np.ptp(areas[3], axis=2).max() < 0.01  # grey only
 
 
 def test_html_is_self_contained_and_escaped(outputs):
@@ -197,7 +269,7 @@ def test_html_has_the_scorecard_of_every_variant(outputs):
 
 
 def test_flattened_summary_keys():
-    flat = report.flatten_summary(make_summary())
+    flat = tracking.flatten_summary(make_summary())
     assert flat["ensemble+postprocess/liver/dice_mean"] == pytest.approx(0.81)
     assert flat["unet/liver/dice_global"] == 0.9
     assert flat["unet/detection/recall_<10 mm"] == 0.25
@@ -210,9 +282,9 @@ def test_flattened_summary_keys():
 
 
 def test_panels_are_matched_to_their_case(outputs):
-    found = report.panels_by_case(outputs["panels"], list(CASES) + ["volume-10"])
+    found = tracking.panels_by_case(outputs["panels"], list(CASES) + ["volume-10"])
     assert found == {"volume-1": outputs["panels"][0]}
-    by_name = report.panels_by_case(outputs["panels"][1:], ["volume-1", "volume-10"])
+    by_name = tracking.panels_by_case(outputs["panels"][1:], ["volume-1", "volume-10"])
     assert by_name == {"volume-1": outputs["panels"][1]}  # by the title, not volume-10
 
 
@@ -222,7 +294,7 @@ def test_wandb_offline_run_holds_the_summary_and_table(outputs, tmp_path, monkey
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("HOME", str(tmp_path))
-    run = report.log_wandb(outputs["summary"], outputs["rows"], outputs["charts"], outputs["panels"],
+    run = tracking.log_wandb(outputs["summary"], outputs["rows"], outputs["charts"], outputs["panels"],
                            tmp_path / "eval", mode="offline")
     assert run is not None and run.parent == tmp_path / "eval" / "wandb" and run.name.startswith("offline-run-")
     raw = b"".join(p.read_bytes() for p in run.glob("run-*.wandb"))

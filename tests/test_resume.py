@@ -10,7 +10,6 @@ import pickle
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ from safetensors.torch import load_file
 from liverseg.config import TrainConfig
 from liverseg.errors import LiversegError
 from liverseg.train import complete_checkpoints, train
+
+from conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 9
@@ -80,11 +81,10 @@ def flags(shards: Path, out: Path, **changes) -> list[str]:
 def run_cli(args: list[str], kill: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
     script = str(ROOT / "launch" / "train.py")
     if kill is None:
-        command = [sys.executable, script, *args]
+        command = [script, *args]
     else:
-        command = [sys.executable, "-c", DRIVER.replace("SCRIPT", repr(script)), kill[0], str(kill[1]), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = ["-c", DRIVER.replace("SCRIPT", repr(script)), kill[0], str(kill[1]), *args]
+    return run_python(command, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def weights(run: Path, name: str = "last") -> dict[str, torch.Tensor]:

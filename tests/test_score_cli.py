@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from liverseg import eval_cli, scoring
+from liverseg.config import CONVENTIONS
 
 GOLDEN = Path(__file__).parents[2] / "shared" / "lits-golden"
 pytestmark = pytest.mark.skipif(not (GOLDEN / "golden.json").exists(),
@@ -128,7 +129,10 @@ def test_two_files_for_one_case_are_one_failure(tmp_path):
 
 
 def test_the_cli_knows_every_convention():
-    assert eval_cli.CONVENTIONS == scoring.CONVENTIONS
+    """One list of conventions (liverseg.config), offered by the CLI and scored by scoring."""
+    choices = {p.name: tuple(p.type.choices) for command in (eval_cli.score, eval_cli.run)
+               for p in command.params if p.name == "convention"}
+    assert choices == {"convention": CONVENTIONS} and set(scoring.SCORERS) == set(CONVENTIONS)
 
 
 def test_scoring_does_not_import_torch(tmp_path):

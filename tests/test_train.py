@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from liverseg import train as train_module
-from liverseg.config import TrainConfig, load_config
+from liverseg.config import AugmentConfig, TrainConfig, load_config
 from liverseg.errors import ConfigError
-from liverseg.models import load_checkpoint
+from liverseg.checkpoint import load_checkpoint
 from liverseg.train import TrainingDiverged, lr_lambda, train
 from shardgen.build import BuildConfig, build_shards
 from shardgen.manifest import read_manifest
 from shardgen.preprocess import Preprocessing
+
+from conftest import TINY_TRAINING, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +30,7 @@ def shards(train_shards):
 
 
 def tiny(shards, out, **changes) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), encoder="resnet18", steps=3, batch_size=2,
-                    val_every=3, save_every=3, log_every=1, workers=0, shuffle_buffer=8, warmup_steps=2)
-    return TrainConfig(**{**settings, **changes})
+    return TrainConfig(**{"shards": str(shards), "out": str(out), **TINY_TRAINING, **changes})
 
 
 def history(run: Path) -> list[dict]:
@@ -38,42 +38,36 @@ def history(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("arch", ["unet", "resunet"])
-def test_tiny_training_exports_loadable_checkpoints(shards, tmp_path, arch):
-    result = train(tiny(shards, tmp_path, arch=arch))
+def test_tiny_training_exports_loadable_checkpoints(shards, trained, arch):
+    run, result = trained[arch]  # TINY_TRAINING
     assert result.step == 3 and set(result.last_metrics) >= {"val/dice_liver", "val/dice_tumour"}
     for name in ("best", "last"):
-        model, config = load_checkpoint(tmp_path / name)
+        model, config = load_checkpoint(run / name)
         assert config["model"]["arch"] == arch and config["model"]["in_channels"] == 3
         assert config["preprocessing"] == read_manifest(shards)["preprocessing"]
         assert config["train"]["encoder"] == "resnet18" and "val/dice_mean" in config["metrics"]
         manifest = read_manifest(shards)
         assert config["train_cases"] == sorted(s["case"] for s in manifest["shards"] if s["split"] == "train")
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
-    steps = [h["step"] for h in history(tmp_path) if "train/loss" in h]
+    steps = [h["step"] for h in history(run) if "train/loss" in h]
     assert steps == [1, 2, 3]
 
 
-def test_resume_continues_the_step_count_and_the_schedule(shards, tmp_path):
-    train(tiny(shards, tmp_path, steps=2, save_every=2, val_every=2))
-    config = tiny(shards, tmp_path, steps=4, save_every=2, val_every=2, resume="auto")
-    result = train(config)
-    logged = [h for h in history(tmp_path) if "train/lr" in h]
+@pytest.fixture(scope="module")
+def resumed(shards, tmp_path_factory) -> tuple[Path, TrainConfig, object]:
+    """A run with EMA weights stopped after 2 of 4 steps and resumed: (run, config, result)."""
+    run = tmp_path_factory.mktemp("resumed")
+    train(tiny(shards, run, steps=2, save_every=2, val_every=2, ema=0.9))
+    config = tiny(shards, run, steps=4, save_every=2, val_every=2, ema=0.9, resume="auto")
+    return run, config, train(config)
+
+
+def test_resume_continues_the_step_count_and_the_schedule(resumed):
+    run, config, result = resumed
+    logged = [h for h in history(run) if "train/lr" in h]
     assert result.step == 4 and [h["step"] for h in logged] == [1, 2, 3, 4]
     assert logged[-1]["train/lr"] == pytest.approx(config.lr * lr_lambda(config)(4))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-
-
-@pytest.mark.timeout(400)
-def test_two_cpu_processes_on_uneven_shards_end_at_the_same_step(shards, tmp_path):
-    sizes = {s["targets"] for s in read_manifest(shards)["shards"] if s["split"] == "train"}
-    assert len(sizes) > 1, "the shards should differ in size for this test to mean something"
-    command = ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-               "--num_processes", "2", str(ROOT / "launch" / "train.py"), "--shards", str(shards),
-               "--out", str(tmp_path), "--encoder", "resnet18", "--steps", "5", "--batch-size", "3",
-               "--val-every", "5", "--save-every", "5", "--workers", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=360)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0/2 finished at step 5" in done.stdout and "rank 1/2 finished at step 5" in done.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
 def test_wandb_without_a_key_runs_offline_and_records_metrics(shards, tmp_path, monkeypatch):
@@ -113,7 +107,7 @@ def test_config_file_and_flags(tmp_path):
 
 @pytest.mark.parametrize("name, text, message", [
     ("unknown setting", "shards: s\nout: o\nepochs: 3\n", "unknown training settings ['epochs']"),
-    ("missing shards", "out: o\n", "missing required settings ['shards']"),
+    ("missing shards", "out: o\n", "missing required training settings ['shards']"),
     ("bad precision", "shards: s\nout: o\nprecision: fp8\n", "precision must be one of"),
     ("not a mapping", "- a\n- b\n", "must be a mapping"),
     ("two class weights", "shards: s\nout: o\nclass_weights: [1, 4]\n", "class_weights must be 3 positive"),
@@ -126,9 +120,7 @@ def test_bad_config_is_one_line(tmp_path, name, text, message):
 
 
 def test_cli_reports_a_missing_shard_folder_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--shards",
-                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    done = run_python([ROOT / "launch" / "train.py", "--shards", tmp_path / "nowhere", "--out", tmp_path / "o"])
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "cannot read manifest" in done.stderr and "liverseg-shards build --input" in done.stderr
 
@@ -136,9 +128,8 @@ def test_cli_reports_a_missing_shard_folder_in_one_line(tmp_path):
 def test_cli_reports_an_out_that_is_a_file_in_one_line(shards, tmp_path):
     taken = tmp_path / "a-file"
     taken.write_text("kept")
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--shards", str(shards),
-                           "--out", str(taken), "--steps", "1", "--encoder", "resnet18"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_python([ROOT / "launch" / "train.py", "--shards", shards, "--out", taken, "--steps", "1",
+                       "--encoder", "resnet18"])
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"Error: {taken}: is a file, not a folder" in done.stderr and taken.read_text() == "kept"
 
@@ -161,17 +152,16 @@ def test_ema_update_follows_its_rule_and_copies_integer_buffers():
     assert expected == pytest.approx(12.2028, abs=1e-4)  # 1 → 2/11 … → 4/13: worked by hand
 
 
-def test_ema_weights_are_validated_exported_and_resumed(shards, tmp_path):
+def test_ema_weights_are_validated_exported_and_resumed(resumed):
     from safetensors.torch import load_file
 
-    train(tiny(shards, tmp_path, steps=2, save_every=2, val_every=2, ema=0.9))
-    result = train(tiny(shards, tmp_path, steps=4, save_every=2, val_every=2, ema=0.9, resume="auto"))
+    run, _, result = resumed
     assert result.step == 4
-    checkpoint = tmp_path / "checkpoints" / "step-000004"
+    checkpoint = run / "checkpoints" / "step-000004"
     raw = load_file(checkpoint / "model.safetensors")
     average = load_file(checkpoint / "ema.safetensors")
     assert int(average["n_averaged"]) == 4, "the average must carry on across the resume"
-    exported, _ = load_checkpoint(tmp_path / "last")
+    exported, _ = load_checkpoint(run / "last")
     exported = exported.state_dict()
     differs = 0
     for name, value in raw.items():
@@ -180,13 +170,12 @@ def test_ema_weights_are_validated_exported_and_resumed(shards, tmp_path):
     assert differs > 0, "the exported weights should be the average, not the last step's"
 
 
-def test_the_seed_fixes_the_initial_weights_and_so_the_whole_run(shards, tmp_path):
+def test_the_seed_fixes_the_initial_weights_and_so_the_whole_run(shards, trained, tmp_path):
     from safetensors.torch import load_file
 
-    for name, noise in (("a", 1), ("b", 2)):  # whatever state the global generators are left in
-        torch.manual_seed(noise)
-        train(tiny(shards, tmp_path / name, seed=3, workers=0))
-    a, b = (load_file(tmp_path / name / "last" / "model.safetensors") for name in ("a", "b"))
+    torch.manual_seed(2)  # whatever state the global generators are left in: another than before
+    train(tiny(shards, tmp_path, arch="resunet", augment=AugmentConfig(flip_lr=0.0)))  # trained["resunet"]
+    a, b = (load_file(run / "last" / "model.safetensors") for run in (trained["resunet"][0], tmp_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -3,44 +3,19 @@
 from __future__ import annotations
 
 import functools
-import gzip
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
-import numpy as np
-
+from ..io import write_nifti
 from .synthesis import make_phantom
-
-
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a .nii.gz via a temporary file in the same folder and os.replace: readers
-    never see a half-written file. The gzip header holds no name (it would be the
-    temporary one, with the writer's pid) and mtime 0, so reruns write identical bytes."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_data_dtype(array.dtype)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1,
-                                                        mtime=0) as gz:
-            gz.write(image.to_bytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_phantom_case(out: Path, i: int, seed: int, size: int, slices: tuple[int, int]) -> list[Path]:
     """Write case ``i`` (volume then segmentation); the unit of work of :func:`write_phantoms`."""
     case = make_phantom(i, seed=seed, size=size, slices=slices)
-    return [_write_nifti(out / f"volume-{i}.nii.gz", case.volume, case.affine),
-            _write_nifti(out / f"segmentation-{i}.nii.gz", case.label, case.affine)]
+    return [write_nifti(out / f"volume-{i}.nii.gz", case.volume, case.affine),
+            write_nifti(out / f"segmentation-{i}.nii.gz", case.label, case.affine)]
 
 
 def write_phantoms(out_dir: Path, cases: int, seed: int = 0, size: int = 512,
