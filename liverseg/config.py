@@ -21,6 +21,7 @@ BAD_SHARD_POLICIES = ("fail", "skip")  # what training does with a shard it cann
 TTA_CHOICES = ("none", "flips")  # test-time augmentation of inference (liverseg.inference.flips)
 CONVENTIONS = ("liverseg", "lits")  # scores: liverseg's (docs/METRICS.md) or the LiTS challenge scorer's
 EVAL_REPORTERS = ("none", "wandb")
+OUTPUT_FORMATS = ("nifti", "dicom-seg")  # predictions: NIfTI label maps; also DICOM SEG for DICOM series
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class EvalConfig:
     report_to: str = "none"
     with_labels: bool = True
     convention: str = "liverseg"  # "lits": also the LiTS challenge scorer's figures (lits_official)
+    output_format: str = "nifti"  # "dicom-seg": a DICOM series' prediction also as a DICOM SEG
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:
@@ -235,6 +237,8 @@ class EvalConfig:
             raise ConfigError(f"unknown convention {self.convention!r}; valid: {', '.join(CONVENTIONS)}")
         if self.report_to not in EVAL_REPORTERS:
             raise ConfigError(f"unknown report_to {self.report_to!r}; valid: {', '.join(EVAL_REPORTERS)}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ConfigError(f"unknown output format {self.output_format!r}; valid: {', '.join(OUTPUT_FORMATS)}")
         object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
 
     def to_dict(self) -> dict[str, Any]:

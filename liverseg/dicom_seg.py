@@ -57,7 +57,7 @@ def write_dicom_seg(labels: np.ndarray, series: str | Path, out: str | Path) -> 
             segment_descriptions=segment_descriptions(), series_instance_uid=hd.UID(), series_number=900,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="liverseg",
             manufacturer_model_name="liverseg", software_versions=__version__, device_serial_number="0",
-            series_description="liverseg liver and tumour")
+            series_description="liverseg liver and tumour", omit_empty_frames=bool(frames.any()))
     except (AttributeError, ValueError, TypeError) as exc:  # a source lacking what a SEG must copy
         raise InvalidCase(series, f"cannot make a DICOM SEG for this series ({exc})") from None
     with atomic_path(out) as tmp:

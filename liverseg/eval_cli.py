@@ -23,7 +23,7 @@ from shardgen.settings import default_of
 # from the torch-free config module: importing inference pulls in torch, timm and smp
 # (about 6 s), which `--help` and a mistyped option should not wait for
 from .checkpoint import read_checkpoint_config
-from .config import CONVENTIONS, EVAL_REPORTERS, TTA_CHOICES, EvalConfig, ScoreConfig
+from .config import CONVENTIONS, EVAL_REPORTERS, OUTPUT_FORMATS, TTA_CHOICES, EvalConfig, ScoreConfig
 from .vocabulary import TABLE_METRICS
 
 
@@ -66,6 +66,12 @@ def shared_options(command=None, split: str = default("split")):
     return command
 
 
+format_option = click.option(
+    "--format", "output_format", type=click.Choice(OUTPUT_FORMATS), default=default("output_format"),
+    show_default=True, help="Predictions as NIfTI label maps; dicom-seg: for a DICOM series input also a "
+                            "DICOM Segmentation (predictions/NAME.seg.dcm) that viewers and PACS open over the series.")
+
+
 @click.group(context_settings=CONTEXT_SETTINGS)
 @verbose_option
 def main() -> None:
@@ -74,6 +80,7 @@ def main() -> None:
 
 @main.command()
 @shared_options
+@format_option
 @click.option("--report-to", type=click.Choice(EVAL_REPORTERS), default=default("report_to"), show_default=True,
               help="Also log to Weights & Biases (offline without an API key or network).")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default=default("convention"), show_default=True,
@@ -97,6 +104,7 @@ def run(report_to: str, **options) -> None:
 
 @main.command()
 @shared_options
+@format_option
 @friendly_errors
 def predict(**options) -> None:
     """Predict unlabelled cases (e.g. LiTS test-volume-N): writes predictions/ as uint8

@@ -25,12 +25,13 @@ from shardgen.errors import InvalidCase
 from shardgen.io import write_json_atomic
 from shardgen.labels import SCORED_CLASSES
 from shardgen.manifest import read_manifest
-from shardgen.nifti import load_case, load_image
+from shardgen.nifti import is_series, load_case, load_image
 
 from . import __version__, lits, lits_official, oracle, report, tracking
 from .config import EvalConfig
 from .errors import ConfigError
-from .inference import ENSEMBLE, Member, load_members, predict_volume, prediction_name, tta_note, write_labels
+from .inference import (ENSEMBLE, Member, load_members, predict_volume, prediction_name, tta_note,
+                        write_prediction)
 from .postprocess import Postprocess, default_postprocess
 from .runtime import make_accelerator
 from .vocabulary import METRICS
@@ -131,7 +132,8 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     tick = time.perf_counter()
     final = variants[POSTPROCESSED]
     out = Path(config.out) / "predictions" / prediction_name(source.case, compressed=config.with_labels)
-    result.prediction = str(write_labels(out, final, affine, case.spatial))
+    written = write_prediction(out, final, affine, case.spatial, source.image, config.output_format)
+    result.prediction = str(written[0])
     result.seconds["write"] = time.perf_counter() - tick
     if truth is not None:
         tick = time.perf_counter()
@@ -202,6 +204,9 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     members = ensemble_members(config, device)
     postprocess = load_postprocess(config.postprocess)
     sources, failed = find_cases(config.data, config.split, config.with_labels)
+    if config.output_format == "dicom-seg" and sources and not any(is_series(s.image) for s in sources):
+        raise ConfigError(f"{config.data}: --format dicom-seg writes DICOM SEG for DICOM series inputs, "
+                          "and none of these cases is one (their NIfTI predictions need no SEG)")
     out = Path(config.out)
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", config.to_dict())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from shardgen.io import write_nifti
 from shardgen.labels import CLASS_NAMES, NUM_CLASSES
-from shardgen.nifti import Spatial
+from shardgen.nifti import Spatial, is_series
 from shardgen.orientation import from_canonical
 from shardgen.preprocess import Preprocessing, SliceGeometry, preprocess_image, slice_geometry
 
@@ -380,3 +380,18 @@ def write_labels(path: Path, canonical: np.ndarray, affine: np.ndarray, spatial:
     """
     data = from_canonical(canonical, affine).astype(np.uint8, copy=False)
     return write_nifti(path, data, affine, spatial, compresslevel=0)
+
+
+def write_prediction(path: Path, canonical: np.ndarray, affine: np.ndarray, spatial: Spatial | None,
+                     source: Path, output_format: str = "nifti") -> list[Path]:
+    """One case's prediction files: the NIfTI label map at ``path`` (``write_labels``) and,
+    with ``output_format`` "dicom-seg" and a DICOM series as ``source``, a DICOM SEG of the
+    same labels beside it (``<name>.seg.dcm``, :mod:`liverseg.dicom_seg`)."""
+    written = [write_labels(path, canonical, affine, spatial)]
+    if output_format == "dicom-seg" and is_series(source):
+        from .dicom_seg import SEG_SUFFIX, write_dicom_seg
+
+        stem = path.name.removesuffix(".gz").removesuffix(".nii")
+        labels = from_canonical(canonical, affine).astype(np.uint8, copy=False)
+        written.append(write_dicom_seg(labels, source, path.with_name(stem + SEG_SUFFIX)))
+    return written

@@ -284,11 +284,18 @@ def is_nifti_name(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
 
 
+def is_series(path: str | Path) -> bool:
+    """Whether a case's image or label is a DICOM folder (a series, or 3D-IRCADb's
+    MASKS_DICOM) rather than a NIfTI file."""
+    path = Path(path)
+    return path.is_dir() and not is_nifti_name(path)
+
+
 def read_source(path: str | Path) -> Volume:
     """The one entry for a case's image or label: a NIfTI file, or a folder that is not
     named like one, read as DICOM (a series, or 3D-IRCADb's MASKS_DICOM)."""
     path = Path(path)
-    if path.is_dir() and not is_nifti_name(path):
+    if is_series(path):
         from .dicom import read_dicom  # imported here: NIfTI-only runs never load pydicom
 
         return read_dicom(path)
