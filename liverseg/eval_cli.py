@@ -24,7 +24,7 @@ from shardgen.settings import default_of
 # (about 6 s), which `--help` and a mistyped option should not wait for
 from .checkpoint import read_checkpoint_config
 from .config import CONVENTIONS, EVAL_REPORTERS, OUTPUT_FORMATS, TTA_CHOICES, EvalConfig, ScoreConfig
-from .vocabulary import TABLE_METRICS
+from .vocabulary import TABLE_METRICS, UNITS
 
 
 def default(name: str):
@@ -168,7 +168,8 @@ def print_table(summary: dict) -> None:
     from .report import scorecard_rows  # matplotlib: not for --help
 
     metrics = TABLE_METRICS
-    click.echo(f"{'class':<7} {'variant':<24}" + "".join(f"{m:>10}" for m in metrics))
+    heads = [f"{m} ({UNITS[m]})" if m in UNITS else m for m in metrics]
+    click.echo(f"{'class':<7} {'variant':<24}" + "".join(f"{h:>10}" for h in heads))
     for cls in SCORED_CLASSES:
         for variant, scores in summary["variants"].items():
             values = [scores[cls][m]["mean"] for m in metrics]

@@ -48,7 +48,8 @@ class CaseResult:
     scores: dict[str, dict] = field(default_factory=dict)  # variant → lits.score_case(...)
     official: dict[str, dict] = field(default_factory=dict)  # variant → lits_official.score_case(...), if lits
     seconds: dict[str, float] = field(default_factory=dict)
-    panel: dict | None = None  # the slice with the most liver, for best/median/worst panels
+    panel: dict | None = None  # the slice with the most liver, for the best case's panel
+    error_panel: dict | None = None  # the slice with the most wrong voxels, for median and worst
     tumour_panel: dict | None = None  # the slice with the most tumour
     oracle_dice: float = math.nan  # tumour Dice of the visible-lesion oracle (liverseg.oracle)
     prediction: str = ""
@@ -101,18 +102,23 @@ def locate(file: str | None, manifest: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- one case
 
-def choose_panels(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, window) -> tuple[dict, dict | None]:
-    """The slice with the most liver (for best/median/worst) and the one with the most tumour."""
+def choose_panels(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, window
+                  ) -> tuple[dict, dict, dict | None]:
+    """The slice with the most liver (shown for the best case), the one with the most
+    voxels whose label is wrong (what makes a case median or worst) and the one with the
+    most tumour."""
     liver_area = (truth >= 1).sum(axis=(1, 2))
     tumour_area = (truth == 2).sum(axis=(1, 2))
+    wrong = (truth != pred).sum(axis=(1, 2))
 
     def panel(z: int, what: str) -> dict:
         return {"z": z, "what": what, "ct": image[z].astype(np.float32), "truth": truth[z].copy(),
                 "pred": pred[z].copy(), "window": tuple(window), "area": int(tumour_area[z])}
 
     main = panel(int(liver_area.argmax()), "largest liver slice")
+    error = panel(int(wrong.argmax()), f"slice with the most wrong voxels ({int(wrong.max())})")
     tumour = panel(int(tumour_area.argmax()), "largest tumour slice") if tumour_area.max() > 0 else None
-    return main, tumour
+    return main, error, tumour
 
 
 def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postprocess,
@@ -145,7 +151,8 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
         tick = time.perf_counter()
         result.oracle_dice = oracle.case_oracle_dice(truth, image, spacing)  # the image loaded above
         result.seconds["oracle"] = time.perf_counter() - tick
-        result.panel, result.tumour_panel = choose_panels(image, truth, final, members[0].preprocessing.window)
+        result.panel, result.error_panel, result.tumour_panel = choose_panels(
+            image, truth, final, members[0].preprocessing.window)
     result.seconds["total"] = time.perf_counter() - start
     return result
 
@@ -294,8 +301,9 @@ def build_summary(results: list[CaseResult], failed: list[dict], members: list[M
 
 
 def pick_panels(results: list[CaseResult]) -> list[dict]:
-    """Best, median and worst case by the postprocessed ensemble's liver + tumour Dice,
-    and the slice with the largest tumour of all cases."""
+    """Best, median and worst case by the postprocessed ensemble's mean of liver and tumour
+    Dice (the best at its largest liver slice, the others at the slice they get most
+    wrong), and the slice with the largest tumour of all cases."""
     def score(r: CaseResult) -> float:
         values = [r.scores[POSTPROCESSED][c]["dice"] for c in SCORED_CLASSES]
         return float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else -1.0
@@ -307,8 +315,9 @@ def pick_panels(results: list[CaseResult]) -> list[dict]:
         if r.case in seen:
             continue
         seen.add(r.case)
-        panels.append({**r.panel, "case": r.case, "title": f"{label} case {r.case} (Dice {score(r):.3f}), "
-                                           f"slice {r.panel['z']}, {r.panel['what']}"})
+        shown = r.panel if label == "best" else r.error_panel
+        panels.append({**shown, "case": r.case, "title": f"{label} case {r.case} (mean of liver and tumour Dice "
+                                          f"{score(r):.3f}), slice {shown['z']}: {shown['what']}"})
     tumours = [r for r in results if r.tumour_panel is not None]
     if tumours:
         r = max(tumours, key=lambda r: r.tumour_panel["area"])

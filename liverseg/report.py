@@ -269,6 +269,11 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def timing_cell(key: str, value: Any) -> str:
+    """A timings entry with its unit: keys ending in ``_s`` (or ``_s_mean``) are seconds."""
+    return f"{fmt(value)} s" if key.endswith(("_s", "_s_mean")) else fmt(value)
+
+
 def mean_std(stats: Any) -> str:
     mean, std = dig(stats, "mean"), dig(stats, "std")
     if not finite(mean):
@@ -286,7 +291,7 @@ def table(header: Sequence[str], body: Iterable[Sequence[Any]], cls: str = "") -
 
 
 def class_table(summary: Mapping, variants: Sequence[str], cls: str) -> str:
-    header = ["variant", "global Dice", *(f"{m} (mean ± std)" for m in METRICS)]
+    header = ["variant", "global Dice", *(f"{m} ({UNITS[m] + ', ' if m in UNITS else ''}mean ± std)" for m in METRICS)]
     body = [[v, dig(summary, "variants", v, cls, "dice_global"),
              *(mean_std(dig(summary, "variants", v, cls, m)) for m in METRICS)] for v in variants]
     return table(header, body)
@@ -389,7 +394,7 @@ def html_sections(summary: Mapping, rows: Sequence[Mapping], charts: Sequence[Pa
               table(["case", "error"], [[f.get("case"), f.get("error")] for f in failed]) if failed
               else "<p>none</p>\n"]
     timings = summary.get("timings") or {}
-    parts += ["<h2>timings</h2>\n", table(["what", "value"], list(timings.items()))]
+    parts += ["<h2>timings</h2>\n", table(["what", "value"], [(k, timing_cell(k, v)) for k, v in timings.items()])]
     parts += ["<h2>charts</h2>\n", *(image_figure(p, Path(p).stem) for p in charts)]
     parts += ["<h2>panels</h2>\n", *(image_figure(p, Path(p).stem) for p in panels)]
     parts += ["<h2>per case</h2>\n<details><summary>every case, variant and class</summary>\n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from liverseg import lits, oracle, report
 from liverseg.errors import ConfigError
 from liverseg.eval_cli import main as eval_main
 from liverseg.config import EvalConfig
-from liverseg.evaluate import POSTPROCESSED, find_cases, run_evaluation
+from liverseg.evaluate import POSTPROCESSED, CaseResult, choose_panels, find_cases, pick_panels, run_evaluation
 from liverseg.tune import choose_min_lesion_volume, cutoff_dice, tumour_dice, tune_postprocess
 from liverseg.inference import load_members, predict_volume
 from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, Postprocess, RemoveSmallLesions, default_postprocess,
@@ -285,3 +286,24 @@ def test_help_needs_neither_torch_nor_the_models_and_lists_the_inference_tta_cho
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--tta [none|flips]" in done.stdout, done.stdout + done.stderr
     assert "HEAVY []" in done.stdout, done.stdout + done.stderr
+
+
+def test_median_and_worst_panels_show_the_slice_a_case_gets_most_wrong():
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[:, 1:7, 1:7] = 1  # liver on every slice, largest on slice 0
+    truth[0, 0, :] = 1
+    pred = truth.copy()
+    pred[2, 2:5, 2:5] = 2  # slice 2: 9 voxels wrong
+    pred[3, 2:4, 2:4] = 0  # slice 3: 4 voxels wrong
+    image = np.zeros(truth.shape, np.float32)
+    main, error, tumour = choose_panels(image, truth, pred, (-100, 400))
+    assert (main["z"], error["z"], tumour) == (0, 2, None) and "(9)" in error["what"]
+    results = []
+    for name, dice in (("good", 0.9), ("mid", 0.6), ("bad", 0.2)):
+        r = CaseResult(name, scores={POSTPROCESSED: {"liver": {"dice": dice}, "tumour": {"dice": math.nan}}})
+        r.panel, r.error_panel = main, error
+        results.append(r)
+    panels = pick_panels(results)
+    assert [p["z"] for p in panels] == [0, 2, 2]
+    assert panels[0]["title"].startswith("best case good (mean of liver and tumour Dice 0.900), slice 0")
+    assert "slice with the most wrong voxels" in panels[2]["title"] and "worst case bad" in panels[2]["title"]

@@ -311,3 +311,9 @@ def test_wandb_offline_run_holds_the_summary_and_table(outputs, tmp_path, monkey
     media = list((run / "files" / "media").rglob("*"))
     assert any(p.name.startswith("cases_table") and p.suffix == ".json" for p in media)
     assert sum(p.suffix == ".png" for p in media) == len(outputs["charts"]) + len(outputs["panels"])
+
+
+def test_html_gives_the_units_of_distances_and_timings(outputs):
+    text = outputs["html"].read_text(encoding="utf-8")
+    assert "<th>assd (mm, mean ± std)</th>" in text and "<th>dice (mean ± std)</th>" in text
+    assert "<td>predict_s_mean</td><td>1.250 s</td>" in text and "<td>total_s</td><td>12.000 s</td>" in text
