@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(600)
 def test_quick_demo_learns_the_liver_of_held_out_cases(tmp_path):
     out = tmp_path / "demo"
-    command = [sys.executable, str(ROOT / "launch" / "demo.py"), "--quick", "--device", "cpu", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=580, cwd=tmp_path,
-                          env={**os.environ, "WANDB_MODE": "disabled"})
+    command = [ROOT / "launch" / "demo.py", "--quick", "--device", "cpu", "--out", out]
+    done = run_python(command, timeout=580, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     summary = json.loads(next(out.glob("*/eval/summary.json")).read_text())
     assert summary["cases"] >= 2 and summary["failed"] == []
@@ -35,15 +34,14 @@ def test_quick_demo_learns_the_liver_of_held_out_cases(tmp_path):
     assert summary["postprocess_steps"][-1] == {"name": "remove_small_lesions",
                                                 "min_volume_mm3": tuned["chosen_min_volume_mm3"]}
     # a second run reuses the phantoms, the shards and both trained models
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    again = run_python(command, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("reusing") == 3, again.stdout[-2000:]
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):
     taken = tmp_path / "a-file"
     taken.write_text("not a folder")
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--quick", "--device", "cpu",
-                           "--out", str(taken)], capture_output=True, text=True, timeout=120)
+    done = run_python([ROOT / "launch" / "demo.py", "--quick", "--device", "cpu", "--out", taken], timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and f"Error: {taken}/" in done.stderr, done.stderr
     assert taken.read_text() == "not a folder"
