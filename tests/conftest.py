@@ -130,8 +130,11 @@ _SERVER.set_forkserver_preload(PRELOAD)
 
 
 def _run_forked(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str,
-                address_space: int | None, peak: str) -> None:
+                address_space: int | None, peak: str, start_method: str) -> None:
     """The child: run ``python ARGV`` (``-c CODE ...``, ``-m MODULE ...`` or ``SCRIPT ...``)."""
+    # the fork server made its children's default start method its own: give back Python's,
+    # or every data loader worker would start a fork server of its own (seconds each)
+    multiprocessing.set_start_method(start_method, force=True)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -176,7 +179,8 @@ def run_python(argv: list[str], *, env: dict[str, str] | None = None, cwd: str |
     with tempfile.TemporaryDirectory(prefix="run-python-") as folder:
         out, err, peak = (os.path.join(folder, name) for name in ("stdout", "stderr", "peak"))
         child = _SERVER.Process(target=_run_forked, args=(args, dict(os.environ if env is None else env),
-                                                           str(cwd or os.getcwd()), out, err, address_space, peak))
+                                                           str(cwd or os.getcwd()), out, err, address_space, peak,
+                                                           multiprocessing.get_start_method()))
         child.start()
         child.join(timeout)
         if child.exitcode is None:

@@ -24,6 +24,9 @@ from conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 9
+# A small model: each run saves five checkpoints (weights, optimizer, EMA), and resuming
+# exactly does not depend on the model's size
+ENCODER, DECODER = "tu-mobilenetv3_small_050", (32, 16, 16, 8, 8)
 
 # Runs launch/train.py's command in this process, after arranging a SIGKILL of the whole
 # process (its loader workers die with it) at a chosen point: during the forward pass of
@@ -69,12 +72,12 @@ def shards(train_shards):
 
 
 def flags(shards: Path, out: Path, **changes) -> list[str]:
-    settings = {"shards": shards, "out": out, "encoder": "resnet18", "steps": STEPS, "batch-size": 2,
+    settings = {"shards": shards, "out": out, "encoder": ENCODER, "steps": STEPS, "batch-size": 2,
                 "val-every": 4, "save-every": 2, "workers": 2, "seed": 5, **changes}
     args = [f"--{k}={v}" for k, v in settings.items()]
     config = out.parent / f"{out.name}.yaml"
     config.write_text("shuffle_buffer: 6\nlog_every: 1\ntrace_samples: true\nwarmup_steps: 2\n"
-                      "oversample_tumour: 0.5\nema: 0.9\n")
+                      f"oversample_tumour: 0.5\nema: 0.9\ndecoder_channels: {list(DECODER)}\n")
     return [*args, f"--config={config}"]
 
 
@@ -164,8 +167,8 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(shards, uninterrupted, tmp_
     MARKER.unlink(missing_ok=True)
     with open(folder / victim, "wb") as f:
         torch.save({"state": Payload()}, f) if victim != "random_states_0.pkl" else pickle.dump(Payload(), f)
-    config = TrainConfig(shards=str(shards), out=str(run), encoder="resnet18", steps=STEPS + 1,
-                         batch_size=2, workers=0, resume="auto", seed=5)
+    config = TrainConfig(shards=str(shards), out=str(run), encoder=ENCODER, decoder_channels=DECODER,
+                         steps=STEPS + 1, batch_size=2, workers=0, resume="auto", seed=5)
     with pytest.raises(LiversegError, match=f"{folder.name}: cannot resume from this checkpoint"):
         train(config)
     assert not MARKER.exists(), "the payload ran"
@@ -175,8 +178,8 @@ def test_a_folder_without_its_state_is_not_resumed_from(shards, tmp_path):
     broken = tmp_path / "checkpoints" / "step-000004"
     broken.mkdir(parents=True)
     (broken / "model.safetensors").write_bytes(b"half")
-    config = TrainConfig(shards=str(shards), out=str(tmp_path), encoder="resnet18", steps=1,
-                         batch_size=2, workers=0, resume=str(broken))
+    config = TrainConfig(shards=str(shards), out=str(tmp_path), encoder=ENCODER, decoder_channels=DECODER,
+                         steps=1, batch_size=2, workers=0, resume=str(broken))
     with pytest.raises(LiversegError, match="not a complete liverseg checkpoint"):
         train(config)
     assert complete_checkpoints(tmp_path) == []
@@ -190,7 +193,7 @@ def test_a_malformed_data_position_is_one_line_naming_the_file(shards, uninterru
     shutil.copytree(uninterrupted, run)
     folder = complete_checkpoints(run)[-1]
     (folder / "data_position_0.json").write_text(text)
-    config = TrainConfig(shards=str(shards), out=str(run), encoder="resnet18", steps=STEPS + 1,
-                         batch_size=2, workers=0, resume="auto", seed=5)
+    config = TrainConfig(shards=str(shards), out=str(run), encoder=ENCODER, decoder_channels=DECODER,
+                         steps=STEPS + 1, batch_size=2, workers=0, resume="auto", seed=5)
     with pytest.raises(LiversegError, match="data_position_0.json: not a data position written by liverseg"):
         train(config)
