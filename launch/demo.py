@@ -7,7 +7,7 @@ A second run reuses what is already built (phantoms, shards, finished training r
 On a CPU it uses a small recipe (256² slices trained as 128² windows, regnetx_002 with a
 narrow decoder) sized to finish in under 10 minutes on 2 cores; with a GPU, the full-size
 recipe (512², resnet34, bf16). Before the test cases are scored, the postprocessing's
-smallest-lesion cut-off is chosen on the validation cases (liverseg-eval tune).
+lesion filters are chosen on the validation cases (liverseg-eval tune).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def train_in_parallel(recipe: Recipe, archs: list[str], shards: Path, runs: Path
             [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(run / "demo-config.json")],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads}), log)
     total = sum(c.steps for c in todo.values())
-    with tqdm(total=total, desc="training " + " + ".join(todo), unit="step") as bar:
+    with tqdm(total=total, desc="training " + " + ".join(todo), unit="step", disable=not todo) as bar:
         while any(p.poll() is None for p, _ in procs.values()):
             time.sleep(2)
             bar.n = sum(last_step(Path(todo[a].out)) for a in procs)
@@ -215,15 +215,16 @@ def last_step(run: Path) -> int:
 
 
 def tune(checkpoints: list[Path], shards: Path, out: Path, device: str | None) -> Path:
-    """The smallest-lesion cut-off of the postprocessing, chosen on the validation cases."""
+    """The lesion filters of the postprocessing, chosen on the validation cases."""
     from liverseg.config import EvalConfig
     from liverseg.tune import tune_postprocess
 
     result = tune_postprocess(EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
                                          split="val", batch_size=32, device=device))
-    click.echo(f"    tumour components under {result.min_volume_mm3:g} mm³ removed "
-               f"(mean validation tumour Dice {result.mean_dice[result.min_volume_mm3]:.3f}, "
-               f"{result.mean_dice[min(result.mean_dice)]:.3f} at {min(result.mean_dice):g} mm³)")
+    chosen, least = (result.min_volume_mm3, result.min_mean_probability), min(result.mean_dice)
+    click.echo(f"    tumour components under {chosen[0]:g} mm³ or of mean tumour probability under {chosen[1]:g} "
+               f"removed (mean validation tumour Dice {result.mean_dice[chosen]:.3f}; "
+               f"{result.mean_dice[least]:.3f} with {least[0]:g} mm³ and {least[1]:g})")
     return result.postprocess
 
 

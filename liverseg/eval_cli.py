@@ -119,8 +119,9 @@ def predict(**options) -> None:
 @shared_options(split="val")
 @friendly_errors
 def tune(**options) -> None:
-    """Choose the postprocessing's smallest-lesion cut-off (remove_small_lesions) on
-    labelled validation cases: the one with the best mean per-case tumour Dice. Writes
+    """Choose the postprocessing's lesion filters on labelled validation cases, by the mean
+    per-case tumour Dice: first the smallest lesion kept (remove_small_lesions), then the
+    least mean tumour probability a lesion needs (remove_unsure_lesions). Writes
     postprocess.json, to pass to `run --postprocess`, and tuning.json into --out. The
     --postprocess chain is the one tuned. Tune on validation cases, never on the test cases
     you report."""
@@ -129,10 +130,15 @@ def tune(**options) -> None:
 
     result = tune_postprocess(config)
     if result.is_main:
-        click.echo("min lesion volume (mm³)   mean tumour Dice per case")
-        for volume, mean in result.mean_dice.items():
-            mark = "  <- chosen" if volume == result.min_volume_mm3 else ""
-            click.echo(f"{volume:>23g}   {mean:.3f}{mark}")
+        volumes = list(dict.fromkeys(v for v, _ in result.mean_dice))
+        probabilities = list(dict.fromkeys(t for _, t in result.mean_dice))
+        chosen = (result.min_volume_mm3, result.min_mean_probability)
+        click.echo("mean tumour Dice per case by min lesion volume (rows, mm³) and min mean tumour "
+                   "probability (columns); * chosen")
+        click.echo(f"{'':>8}" + "".join(f"{t:>8g}" for t in probabilities))
+        for v in volumes:
+            cells = "".join(f"{result.mean_dice[v, t]:>7.3f}{'*' if (v, t) == chosen else ' '}" for t in probabilities)
+            click.echo(f"{v:>8g}{cells}")
         click.echo(f"postprocessing written to {result.postprocess}")
     finish(result)
 

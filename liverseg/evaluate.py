@@ -129,11 +129,12 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     case = load_case(source.image, source.label) if config.with_labels else load_image(source.image)
     image, truth, affine, spacing = case.image, case.label, case.affine, case.spacing
     result.seconds["load"] = time.perf_counter() - start
-    prediction = predict_volume(members, image, spacing, device, config.batch_size, config.tta)
+    prediction = predict_volume(members, image, spacing, device, config.batch_size, config.tta,
+                                tumour_probability=postprocess.needs_probability)
     result.seconds.update({f"infer/{k}": v for k, v in prediction.seconds.items()})
     variants = dict(prediction.labels)
     tick = time.perf_counter()
-    variants[POSTPROCESSED] = postprocess(variants[ENSEMBLE], spacing)
+    variants[POSTPROCESSED] = postprocess(variants[ENSEMBLE], spacing, prediction.tumour_probability)
     result.seconds["postprocess"] = time.perf_counter() - tick
     tick = time.perf_counter()
     final = variants[POSTPROCESSED]

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from shardgen.io import write_nifti
-from shardgen.labels import CLASS_NAMES, NUM_CLASSES
+from shardgen.labels import CLASS_NAMES, NUM_CLASSES, TUMOUR
 from shardgen.nifti import Spatial, is_series
 from shardgen.orientation import from_canonical
 from shardgen.preprocess import Preprocessing, SliceGeometry, preprocess_image, slice_geometry
 
 from .config import TTA_CHOICES
 from .errors import CheckpointError, ConfigError
+from .postprocess import PROBABILITY_MAX
 from .checkpoint import CONFIG_FILE, ModelSpec, load_checkpoint, read_checkpoint_config
 from .runtime import autocast_dtype
 
@@ -229,10 +230,23 @@ class ToInputGrid:
 @dataclass
 class VolumePrediction:
     """Canonical (Z, H, W) uint8 labels per member and for the ensemble, with timings.
-    With one member the ensemble's labels are the member's (the same array)."""
+    With one member the ensemble's labels are the member's (the same array).
+    ``tumour_probability``, when asked for, is the ensemble's tumour probability on the same
+    grid as uint8 (``PROBABILITY_MAX`` = 1), the postprocessing's input."""
 
     labels: dict[str, np.ndarray]
     seconds: dict[str, float]
+    tumour_probability: np.ndarray | None = None
+
+
+# the name the tumour probability travels under among the labels (never a member's name:
+# member names are file names, which cannot hold a slash)
+PROBABILITY = "tumour/probability"
+
+
+def quantised_tumour(probs: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) probabilities → the tumour class's as uint8 (B, H, W), PROBABILITY_MAX = 1."""
+    return probs[:, TUMOUR].mul(PROBABILITY_MAX).round_().to(torch.uint8)
 
 
 def sync(device: torch.device) -> None:
@@ -302,15 +316,16 @@ class Transfers:
 
 @torch.inference_mode()
 def predict_volume(members: list[Member], image: np.ndarray, spacing: tuple[float, float, float],
-                   device: torch.device, batch_size: int = 16, tta: str = "none", channels_last: bool = True
-                   ) -> VolumePrediction:
+                   device: torch.device, batch_size: int = 16, tta: str = "none", channels_last: bool = True,
+                   tumour_probability: bool = False) -> VolumePrediction:
     """Predict a canonical HU volume (Z, H, W) with voxels of ``spacing`` mm (z, row, col)
     slice by slice with every member.
 
     Each batch of slices (and its context neighbours) goes to the device as HU, is
     preprocessed there, predicted by every member, and its labels come back while the next
     batch runs (``Transfers``). The ensemble averages the members' softmax probabilities
-    (each already averaged over the TTA passes). ``seconds`` holds each member's inference
+    (each already averaged over the TTA passes); with ``tumour_probability`` its tumour
+    probability comes back too (``VolumePrediction``). ``seconds`` holds each member's inference
     time and the host's preprocessing time (on a GPU the preprocessing runs in the stream
     ahead of the models and is counted in their time).
     """
@@ -319,6 +334,7 @@ def predict_volume(members: list[Member], image: np.ndarray, spacing: tuple[floa
     dtype = autocast_dtype(device)
     depth, height, width = image.shape
     names = [m.name for m in members] + ([ENSEMBLE] if len(members) > 1 else [])
+    names += [PROBABILITY] if tumour_probability else []
     pixel_mm = (float(spacing[1]), float(spacing[2]))
     transfers = Transfers(image, pre, pixel_mm, batch_size, names, device)
     to_input_grid = ToInputGrid(slice_geometry((height, width), pixel_mm, pre), device)
@@ -351,14 +367,17 @@ def predict_volume(members: list[Member], image: np.ndarray, spacing: tuple[floa
                 ensemble = probs if ensemble is None else ensemble.add_(probs)
         if ensemble is not None:
             labels[ENSEMBLE] = ensemble.argmax(1).to(torch.uint8)
+        if tumour_probability:
+            labels[PROBABILITY] = quantised_tumour(probs if ensemble is None else ensemble.div_(len(members)))
         transfers.send(z0, labels, k % 2)
     transfers.collect()
     if not timed:
         seconds[members[0].name] = time.perf_counter() - start - seconds["preprocess"]
     out = transfers.labels
+    probability = out.pop(PROBABILITY, None)
     if len(members) == 1:
         out[ENSEMBLE] = out[members[0].name]
-    return VolumePrediction(out, seconds)
+    return VolumePrediction(out, seconds, probability)
 
 
 # --------------------------------------------------------------------------- writing

@@ -33,16 +33,33 @@ Spacing = Sequence[float]
 # --------------------------------------------------------------------------- steps
 
 class Step:
-    """A postprocessing step: ``step(labels, spacing)`` returns a new uint8 label volume."""
+    """A postprocessing step: ``step(labels, spacing)`` returns a new uint8 label volume.
+    A step with ``needs_probability`` also reads the ensemble's tumour probability, a uint8
+    volume of the labels' shape where ``PROBABILITY_MAX`` is probability 1
+    (``step(labels, spacing, tumour_probability)``)."""
 
     name: ClassVar[str]
+    needs_probability: ClassVar[bool] = False
 
-    def __call__(self, labels: np.ndarray, spacing: Spacing) -> np.ndarray:
+    def __call__(self, labels: np.ndarray, spacing: Spacing, tumour_probability: np.ndarray | None = None
+                 ) -> np.ndarray:
         out = np.array(labels, dtype=np.uint8, copy=True)
-        self.apply_(out, _spacing(spacing))
+        self.run_(out, _spacing(spacing), _checked_probability(tumour_probability, out.shape))
         return out
 
-    def apply_(self, labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    def run_(self, labels: np.ndarray, spacing: tuple[float, float, float], probability: np.ndarray | None
+             ) -> None:
+        """``apply_``, given the probability (a view of the same voxels) when the step needs it."""
+        if not self.needs_probability:
+            self.apply_(labels, spacing)
+        elif probability is None:
+            raise ConfigError(f"postprocessing step {self.name!r} needs the ensemble's tumour probabilities, "
+                              "which only liverseg-eval run, predict and tune have: it cannot run on label "
+                              "maps alone")
+        else:
+            self.apply_(labels, spacing, probability)
+
+    def apply_(self, labels: np.ndarray, spacing: tuple[float, float, float], *probability: np.ndarray) -> None:
         """Change ``labels`` in place (a view is fine: faces zero or the array border)."""
         raise NotImplementedError
 
@@ -55,6 +72,17 @@ def _spacing(spacing: Spacing) -> tuple[float, float, float]:
     if len(sp) != 3 or not all(s > 0 for s in sp):
         raise ValueError(f"spacing must be 3 positive numbers in mm, got {spacing}")
     return sp
+
+
+# the ensemble's tumour probability reaches the postprocessing as uint8: this value is 1
+PROBABILITY_MAX = 255
+
+
+def _checked_probability(probability: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if probability is not None and (probability.dtype != np.uint8 or probability.shape != shape):
+        raise ValueError(f"the tumour probability must be uint8 of the labels' shape {shape}, "
+                         f"got {probability.dtype} {probability.shape}")
+    return probability
 
 
 def _check_nonnegative(step: Step, field: str) -> None:
@@ -240,19 +268,64 @@ class RemoveSmallLesions(Step):
         _check_nonnegative(self, "min_volume_mm3")
 
     def apply_(self, labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
-        box = bounding_box(labels == TUMOUR, 1)
-        if box is None:
-            return
-        crop = labels[box]
-        components, n = cc3d.connected_components(crop == TUMOUR, connectivity=26, return_N=True)
-        sizes = np.bincount(components.ravel(), minlength=n + 1) * math.prod(spacing)
-        small = sizes < self.min_volume_mm3
-        small[0] = False
-        if not small.any():
-            return
-        voxels = np.nonzero(small[components])
-        owner = components[voxels]
-        crop[voxels] = np.where(_touching_liver(crop, voxels, owner, n), LIVER, 0)[owner]
+        if (found := _lesions(labels)) is not None:
+            box, components, n = found
+            sizes = np.bincount(components.ravel(), minlength=n + 1) * math.prod(spacing)
+            _demote(labels[box], components, n, sizes < self.min_volume_mm3)
+
+
+@dataclass(frozen=True)
+class RemoveUnsureLesions(Step):
+    """Tumour components (26-connected) whose mean ensemble tumour probability is under
+    ``min_mean_probability`` stop being tumour, as in `RemoveSmallLesions`: liver (1) when
+    they touch liver parenchyma, else background (0). A component is tumour because the
+    ensemble's tumour probability is the largest of the three at each of its voxels (at
+    least 1/3); this keeps the components the models agree on throughout.
+
+    >>> labels = np.array([[[1, 2, 2, 1, 2, 2]]], np.uint8)
+    >>> probability = np.array([[[0, 200, 220, 0, 120, 250]]], np.uint8)  # 255 = 1
+    >>> RemoveUnsureLesions(min_mean_probability=0.8)(labels, (1, 1, 1), probability)
+    array([[[1, 2, 2, 1, 1, 1]]], dtype=uint8)
+    """
+
+    name: ClassVar[str] = "remove_unsure_lesions"
+    needs_probability: ClassVar[bool] = True
+    min_mean_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_nonnegative(self, "min_mean_probability")
+        if self.min_mean_probability > 1:
+            raise ValueError(f"{self.name}: min_mean_probability must be at most 1, got {self.min_mean_probability!r}")
+
+    def apply_(self, labels: np.ndarray, spacing: tuple[float, float, float], *probability: np.ndarray) -> None:
+        if (found := _lesions(labels)) is not None:
+            box, components, n = found
+            total = np.bincount(components.ravel(), weights=probability[0][box].ravel(), minlength=n + 1)
+            sizes = np.bincount(components.ravel(), minlength=n + 1)
+            mean = total / np.maximum(sizes, 1) / PROBABILITY_MAX
+            _demote(labels[box], components, n, mean < self.min_mean_probability)
+
+
+def _lesions(labels: np.ndarray) -> tuple[Box, np.ndarray, int] | None:
+    """The tumour's box in ``labels`` (+1 voxel) and the 26-connected tumour components
+    inside it; None without tumour."""
+    box = bounding_box(labels == TUMOUR, 1)
+    if box is None:
+        return None
+    components, n = cc3d.connected_components(labels[box] == TUMOUR, connectivity=26, return_N=True)
+    return box, components, int(n)
+
+
+def _demote(crop: np.ndarray, components: np.ndarray, n: int, drop: np.ndarray) -> None:
+    """Components 1..n of ``crop`` where ``drop`` (indexed by component, 0 ignored) become
+    liver when they touch liver parenchyma, else background."""
+    drop = np.asarray(drop, bool).copy()
+    drop[0] = False
+    if not drop.any():
+        return
+    voxels = np.nonzero(drop[components])
+    owner = components[voxels]
+    crop[voxels] = np.where(_touching_liver(crop, voxels, owner, n), LIVER, 0)[owner]
 
 
 def _touching_liver(crop: np.ndarray, voxels: tuple[np.ndarray, ...], owner: np.ndarray, n: int
@@ -275,7 +348,7 @@ def _touching_liver(crop: np.ndarray, voxels: tuple[np.ndarray, ...], owner: np.
 
 STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (
     LargestLiverComponent, FillLiverHoles, LiverOpening, LiverClosing, TumourInsideLiver,
-    RemoveSmallLesions)}
+    RemoveSmallLesions, RemoveUnsureLesions)}
 
 
 def create_step(spec: dict[str, Any], source: str = "postprocess config") -> Step:
@@ -304,9 +377,13 @@ class Postprocess:
     def __init__(self, steps: Sequence[Step] = ()) -> None:
         self.steps = tuple(steps)
 
-    def __call__(self, labels: np.ndarray, spacing: Spacing) -> np.ndarray:
+    def __call__(self, labels: np.ndarray, spacing: Spacing, tumour_probability: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """The labels after every step; ``tumour_probability`` as for `Step`, needed only
+        by steps that read it (``needs_probability``)."""
         if labels.ndim != 3:
             raise ValueError(f"labels must be a 3D (z, y, x) volume, got shape {labels.shape}")
+        probability = _checked_probability(tumour_probability, labels.shape)
         box = _liver_box(labels) if self.steps else None
         if box is None:
             return np.array(labels, dtype=np.uint8, copy=True)
@@ -315,8 +392,12 @@ class Postprocess:
         view, sp = out[box], _spacing(spacing)
         view[...] = labels[box]
         for step in self.steps:
-            step.apply_(view, sp)
+            step.run_(view, sp, None if probability is None else probability[box])
         return out
+
+    @property
+    def needs_probability(self) -> bool:
+        return any(step.needs_probability for step in self.steps)
 
     def __repr__(self) -> str:
         return f"Postprocess({list(self.steps)!r})"
@@ -349,15 +430,23 @@ class Postprocess:
 # min_volume_mm3 values `liverseg-eval tune` tries: balls of about 2.7, 4.6, 5.8, 7.3, 9.8,
 # 12.4 and 15.6 mm across
 MIN_LESION_CANDIDATES_MM3 = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+# min_mean_probability values it tries; 0 is no remove_unsure_lesions step
+MIN_PROBABILITY_CANDIDATES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def with_min_lesion_volume(chain: Postprocess, min_volume_mm3: float) -> Postprocess:
-    """``chain`` with every `RemoveSmallLesions` set to ``min_volume_mm3``; a chain without
-    one gets it appended."""
-    step = RemoveSmallLesions(min_volume_mm3=float(min_volume_mm3))
-    steps = [step if isinstance(s, RemoveSmallLesions) else s for s in chain.steps]
-    if step not in steps:
-        steps.append(step)
+def with_lesion_filters(chain: Postprocess, min_volume_mm3: float, min_mean_probability: float = 0.0
+                        ) -> Postprocess:
+    """``chain`` with every `RemoveSmallLesions` set to ``min_volume_mm3`` (a chain without
+    one gets it appended) and, when ``min_mean_probability`` > 0, a `RemoveUnsureLesions`
+    with it right after; the chain's own `RemoveUnsureLesions` steps are dropped."""
+    small = RemoveSmallLesions(min_volume_mm3=float(min_volume_mm3))
+    steps = [small if isinstance(s, RemoveSmallLesions) else s for s in chain.steps
+             if not isinstance(s, RemoveUnsureLesions)]
+    if small not in steps:
+        steps.append(small)
+    if min_mean_probability > 0:
+        last = len(steps) - steps[::-1].index(small)
+        steps.insert(last, RemoveUnsureLesions(min_mean_probability=float(min_mean_probability)))
     return Postprocess(steps)
 
 

@@ -31,11 +31,14 @@ def test_quick_demo_learns_the_liver_of_held_out_cases(tmp_path):
     tuned = json.loads(next(out.glob("*/tuning/tuning.json")).read_text())
     tested = json.loads(next(out.glob("*/eval/cases.json")).read_text())
     assert tuned["split"] == "val" and tuned["cases"] and not set(tuned["cases"]) & set(tested)
-    assert summary["postprocess_steps"][-1] == {"name": "remove_small_lesions",
-                                                "min_volume_mm3": tuned["chosen_min_volume_mm3"]}
+    filters = [{"name": "remove_small_lesions", "min_volume_mm3": tuned["chosen_min_volume_mm3"]}]
+    if tuned["chosen_min_mean_probability"] > 0:
+        filters.append({"name": "remove_unsure_lesions", "min_mean_probability": tuned["chosen_min_mean_probability"]})
+    assert summary["postprocess_steps"][-len(filters):] == filters
     # a second run reuses the phantoms, the shards and both trained models
     again = run_python(command, timeout=300, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("reusing") == 3, again.stdout[-2000:]
+    assert "training " not in again.stderr, again.stderr[-2000:]  # no empty progress bar when nothing trains
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):

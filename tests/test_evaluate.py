@@ -22,10 +22,10 @@ from liverseg.errors import ConfigError
 from liverseg.eval_cli import main as eval_main
 from liverseg.config import EvalConfig
 from liverseg.evaluate import POSTPROCESSED, CaseResult, choose_panels, find_cases, pick_panels, run_evaluation
-from liverseg.tune import choose_min_lesion_volume, cutoff_dice, tumour_dice, tune_postprocess
+from liverseg.tune import candidate_dice, choose_filters, tumour_dice, tune_postprocess
 from liverseg.inference import load_members, predict_volume
-from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, Postprocess, RemoveSmallLesions, default_postprocess,
-                                  with_min_lesion_volume)
+from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, MIN_PROBABILITY_CANDIDATES, Postprocess,
+                                  RemoveSmallLesions, RemoveUnsureLesions, default_postprocess, with_lesion_filters)
 from shardgen.manifest import read_manifest
 from shardgen.nifti import load_case
 
@@ -222,30 +222,44 @@ def test_tumour_dice_is_lits_dice_with_both_empty_scoring_one():
     assert tumour_dice(empty, empty) == 1.0 and tumour_dice(some, empty) == 0.0 and tumour_dice(empty, some) == 0.0
 
 
-def test_a_false_blob_in_a_tumour_free_case_goes_only_above_its_volume():
+def test_a_false_blob_in_a_tumour_free_case_goes_only_above_its_volume_or_below_its_probability():
     labels = np.zeros((6, 20, 20), np.uint8)
     labels[:, 2:18, 2:18] = 1
     labels[1:4, 5:8, 5:8] = 2  # 27 voxels of 2 mm³: 54 mm³ of false tumour
-    chains = {v: with_min_lesion_volume(default_postprocess(), v) for v in (10.0, 50.0, 100.0)}
+    probability = np.zeros(labels.shape, np.uint8)
+    probability[labels == 2] = 178  # a mean tumour probability of 0.698
+    pairs = [(10.0, 0.0), (50.0, 0.0), (100.0, 0.0), (10.0, 0.6), (10.0, 0.7)]
+    chains = {pair: with_lesion_filters(default_postprocess(), *pair) for pair in pairs}
     no_tumour = np.zeros(labels.shape, bool)
-    assert cutoff_dice(labels, no_tumour, (2, 1, 1), chains) == {10.0: 0.0, 50.0: 0.0, 100.0: 1.0}
-    truth = labels == 2  # the same blob, now real: every cut-off that keeps it scores 1
-    assert cutoff_dice(labels, truth, (2, 1, 1), chains) == {10.0: 1.0, 50.0: 1.0, 100.0: 0.0}
+    assert candidate_dice(labels, probability, no_tumour, (2, 1, 1), chains) == dict(zip(pairs, [0.0, 0.0, 1.0, 0.0, 1.0]))
+    truth = labels == 2  # the same blob, now real: every chain that keeps it scores 1
+    assert candidate_dice(labels, probability, truth, (2, 1, 1), chains) == dict(zip(pairs, [1.0, 1.0, 0.0, 1.0, 0.0]))
+    # the shared first steps run once: the same figures as each whole chain
+    for pair, chain in chains.items():
+        assert tumour_dice(chain(labels, (2, 1, 1), probability) == 2, truth) == candidate_dice(
+            labels, probability, truth, (2, 1, 1), {pair: chain})[pair]
 
 
-def test_the_best_mean_wins_and_ties_go_to_the_smallest_cut_off():
-    assert choose_min_lesion_volume({10.0: 0.45, 200.0: 0.95, 500.0: 0.5}) == 200.0
-    assert choose_min_lesion_volume({10.0: 0.5, 50.0: 0.5, 5.0: 0.2}) == 10.0
+def test_the_best_pair_wins_and_of_equals_the_one_that_removes_the_least():
+    means = {(10.0, 0.0): 0.5, (10.0, 0.8): 0.9, (200.0, 0.0): 0.6, (200.0, 0.8): 0.7, (200.0, 0.9): 0.8}
+    assert choose_filters(means) == (10.0, 0.8)
+    assert choose_filters({(10.0, 0.9): 0.5, (50.0, 0.5): 0.5, (10.0, 0.7): 0.5, (5.0, 0.0): 0.2}) == (10.0, 0.7)
 
 
-def test_with_min_lesion_volume_replaces_or_appends_the_step():
-    chain = with_min_lesion_volume(default_postprocess(), 300)
+def test_with_lesion_filters_replaces_or_appends_the_steps():
+    chain = with_lesion_filters(default_postprocess(), 300)
     assert [s.name for s in chain.steps] == [s.name for s in default_postprocess().steps]
-    assert chain.steps[-1] == RemoveSmallLesions(min_volume_mm3=300.0)
-    assert with_min_lesion_volume(Postprocess([]), 50).steps == (RemoveSmallLesions(min_volume_mm3=50.0),)
+    assert chain.steps[-1] == RemoveSmallLesions(min_volume_mm3=300.0) and not chain.needs_probability
+    assert with_lesion_filters(Postprocess([]), 50).steps == (RemoveSmallLesions(min_volume_mm3=50.0),)
+    both = with_lesion_filters(Postprocess([RemoveUnsureLesions(0.3), RemoveSmallLesions(5.0),
+                                            default_postprocess().steps[0]]), 50, 0.8)
+    assert both.steps == (RemoveSmallLesions(50.0), RemoveUnsureLesions(0.8), default_postprocess().steps[0])
+    assert both.needs_probability and with_lesion_filters(both, 50).steps == (RemoveSmallLesions(50.0),
+                                                                            default_postprocess().steps[0])
 
 
-def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_choice(shards, checkpoints, tmp_path):
+def test_tune_measures_each_pair_of_filters_on_the_validation_cases_and_run_uses_the_choice(shards, checkpoints,
+                                                                                           tmp_path):
     tuned = tmp_path / "tuned"
     done = CliRunner().invoke(eval_main, ["tune", *[a for c in checkpoints for a in ("--checkpoint", c)],
                                           "--data", str(shards), "--out", str(tuned), "--device", "cpu"])
@@ -253,18 +267,23 @@ def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_cho
     report = json.loads((tuned / "tuning.json").read_text())
     val_cases = sorted(c for c, s in read_manifest(shards)["split_assignment"].items() if s == "val")
     assert sorted(report["cases"]) == val_cases and report["split"] == "val"
-    # each figure is what the ensemble's labels score after that cut-off, recomputed here
+    # each figure is what the ensemble's labels score after that chain, recomputed here
     members = load_members(checkpoints, torch.device("cpu"))
-    chains = {v: with_min_lesion_volume(default_postprocess(), v) for v in MIN_LESION_CANDIDATES_MM3}
+    pairs = [(v, t) for v in MIN_LESION_CANDIDATES_MM3 for t in MIN_PROBABILITY_CANDIDATES]
+    chains = {pair: with_lesion_filters(default_postprocess(), *pair) for pair in pairs}
     for source in find_cases(shards, "val", with_labels=True)[0]:
         case = load_case(source.image, source.label)
-        labels = predict_volume(members, case.image, case.spacing, torch.device("cpu"), 16).labels["ensemble"]
-        expected = cutoff_dice(labels, case.label == 2, case.spacing, chains)
-        assert report["cases"][source.case] == {f"{v:g}": pytest.approx(d) for v, d in expected.items()}
-    means = {v: np.mean([report["cases"][c][f"{v:g}"] for c in val_cases]) for v in MIN_LESION_CANDIDATES_MM3}
-    assert report["chosen_min_volume_mm3"] == choose_min_lesion_volume(means)
+        prediction = predict_volume(members, case.image, case.spacing, torch.device("cpu"), 16,
+                                    tumour_probability=True)
+        for (v, t), chain in chains.items():
+            expected = tumour_dice(chain(prediction.labels["ensemble"], case.spacing,
+                                         prediction.tumour_probability) == 2, case.label == 2)
+            assert report["cases"][source.case][f"{v:g}"][f"{t:g}"] == pytest.approx(expected)
+    means = {(v, t): np.mean([report["cases"][c][f"{v:g}"][f"{t:g}"] for c in val_cases]) for v, t in pairs}
+    chosen_pair = (report["chosen_min_volume_mm3"], report["chosen_min_mean_probability"])
+    assert chosen_pair == choose_filters(means)
     chosen = Postprocess.from_json(tuned / "postprocess.json")
-    assert chosen == chains[report["chosen_min_volume_mm3"]] and "<- chosen" in done.output
+    assert chosen == chains[chosen_pair] and done.output.count("*") == 2  # the legend's and the chosen cell's
     out = tmp_path / "eval"
     run_evaluation(EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(out),
                               postprocess=str(tuned / "postprocess.json")))
@@ -272,8 +291,11 @@ def test_tune_measures_each_cut_off_on_the_validation_cases_and_run_uses_the_cho
 
 
 def test_tune_refuses_negative_cut_offs(checkpoints, shards, tmp_path):
-    with pytest.raises(ConfigError, match="candidates"):
-        tune_postprocess(EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(tmp_path)), (10.0, -1.0))
+    config = EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(tmp_path))
+    with pytest.raises(ConfigError, match="volume candidates"):
+        tune_postprocess(config, (10.0, -1.0))
+    with pytest.raises(ConfigError, match="probability candidates"):
+        tune_postprocess(config, (10.0,), (0.0, 1.5))
 
 
 def test_help_needs_neither_torch_nor_the_models_and_lists_the_inference_tta_choices():

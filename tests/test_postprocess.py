@@ -14,7 +14,8 @@ from liverseg import postprocess as pp
 from liverseg import morphology
 from liverseg.errors import ConfigError
 from liverseg.postprocess import (FillLiverHoles, LargestLiverComponent, LiverClosing, LiverOpening,
-                                  Postprocess, RemoveSmallLesions, TumourInsideLiver, default_postprocess)
+                                  Postprocess, RemoveSmallLesions, RemoveUnsureLesions, TumourInsideLiver,
+                                  default_postprocess)
 
 ISO = (1.0, 1.0, 1.0)
 
@@ -144,6 +145,40 @@ def test_chain_equals_its_steps_one_by_one(seed):
     assert not np.array_equal(expected, labels)
 
 
+def test_unsure_lesions_go_by_their_mean_probability_and_become_what_they_touch():
+    labels = volume(liver=[LIVER], tumour=[np.s_[3:5, 3:5, 3:5], np.s_[3:5, 7:9, 7:9], np.s_[0:1, 0:2, 0:2]])
+    probability = np.zeros(labels.shape, np.uint8)
+    probability[3:5, 3:5, 3:5] = 230  # 0.90: kept
+    probability[3:5, 7:9, 7:9] = [[[240, 140]]]  # mean 190 = 0.745: liver at 0.8, kept at 0.7
+    probability[0:1, 0:2, 0:2] = 100  # 0.39, outside the liver: background
+    out = RemoveUnsureLesions(min_mean_probability=0.8)(labels, ISO, probability)
+    assert changed(labels, out) == {**{(z, y, x): (2, 1) for z in (3, 4) for y in (7, 8) for x in (7, 8)},
+                                    **{(0, y, x): (2, 0) for y in (0, 1) for x in (0, 1)}}
+    assert changed(labels, RemoveUnsureLesions(min_mean_probability=0.7)(labels, ISO, probability)) == {
+        (0, y, x): (2, 0) for y in (0, 1) for x in (0, 1)}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_chain_crops_the_probability_with_the_labels(seed):
+    labels, spacing = random_labels(seed), (2.0, 1.0, 0.8)
+    probability = np.random.default_rng(seed).integers(0, 256, labels.shape, dtype=np.uint8)
+    steps = [LargestLiverComponent(), RemoveUnsureLesions(min_mean_probability=0.5), FillLiverHoles()]
+    expected = labels
+    for step in steps:
+        expected = step(expected, spacing, probability)
+    chain = Postprocess(steps)
+    assert chain.needs_probability and np.array_equal(chain(labels, spacing, probability), expected)
+    assert not np.array_equal(expected, Postprocess(steps[::2])(labels, spacing))
+
+
+def test_a_step_that_needs_the_probability_refuses_labels_alone():
+    labels = random_labels(0)
+    with pytest.raises(ConfigError, match="'remove_unsure_lesions' needs the ensemble's tumour probabilities"):
+        Postprocess([RemoveUnsureLesions()])(labels, ISO)
+    with pytest.raises(ValueError, match="uint8 of the labels' shape"):
+        RemoveUnsureLesions()(labels, ISO, np.zeros(labels.shape, np.float32))
+
+
 def test_empty_chain_and_empty_volume():
     labels = random_labels(0)
     out = Postprocess([])(labels, ISO)
@@ -172,15 +207,17 @@ def test_default_postprocess():
 @pytest.mark.parametrize("content, message", [
     ({"steps": [{"name": "largest_component"}]},
      "unknown postprocessing step 'largest_component'; valid names: largest_liver_component, "
-     "fill_liver_holes, liver_opening, liver_closing, tumour_inside_liver, remove_small_lesions"),
+     "fill_liver_holes, liver_opening, liver_closing, tumour_inside_liver, remove_small_lesions, "
+     "remove_unsure_lesions"),
     ({"steps": [{"name": "liver_closing", "radius": 3}]},
      "unknown parameters of step 'liver_closing' ['radius']; valid: radius_mm"),
     ({"steps": [{"name": "liver_closing", "radius_mm": -1}]}, "radius_mm must be a number >= 0"),
     ({"steps": [{"name": "remove_small_lesions", "min_volume_mm3": "10"}]}, "must be a number >= 0"),
+    ({"steps": [{"name": "remove_unsure_lesions", "min_mean_probability": 80}]}, "must be at most 1"),
     ({"steps": ["largest_liver_component"]}, "each step must be an object with a \"name\""),
     ({"step": []}, "expected {\"steps\": "),
     ("not json", "not valid JSON"),
-], ids=["unknown step", "unknown parameter", "negative radius", "string volume", "bare name",
+], ids=["unknown step", "unknown parameter", "negative radius", "string volume", "percent", "bare name",
         "misspelt key", "bad json"])
 def test_config_errors_name_the_file(tmp_path, content, message):
     path = tmp_path / "post.json"
