@@ -22,7 +22,7 @@ from shardgen.stats import CONNECTIVITY as LESION_CONNECTIVITY
 from shardgen.stats import equivalent_diameter
 
 from .morphology import bounding_box, surface, union_box
-from .vocabulary import METRICS, empty_score
+from .vocabulary import METRIC_LIST, METRICS, Metric, empty_score
 
 COUNTS = ("tp", "fp", "fn", "tn", "pred_voxels", "ref_voxels")
 SURFACE_CONNECTIVITY = 6  # liverseg's surface: a voxel with a face neighbour outside (the LiTS scorer: 18)
@@ -147,41 +147,19 @@ def overlap_counts(pred: np.ndarray, ref: np.ndarray, total: int | None = None) 
             "pred_voxels": npred, "ref_voxels": nref}
 
 
-def _ratio(metric: str, num: float, den: float, c: dict) -> float:
-    return num / den if den else empty_score(metric, both_empty=c["pred_voxels"] == c["ref_voxels"] == 0)
+def _overlap_score(metric: Metric) -> Callable[[dict], float]:
+    """The score of ``overlap_counts``'s counts by ``metric``'s formula; a zero denominator
+    gives the evaluation's empty-mask value."""
+    def score(c: dict) -> float:
+        num, den = metric.ratio(c["tp"], c["fp"], c["fn"], c["tn"])
+        return num / den if den else empty_score(metric.name, both_empty=c["pred_voxels"] == c["ref_voxels"] == 0)
+
+    score.__name__ = score.__qualname__ = metric.name
+    return score
 
 
-def dice(c: dict) -> float:
-    return _ratio("dice", 2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"], c)
-
-
-def iou(c: dict) -> float:
-    return _ratio("iou", c["tp"], c["tp"] + c["fp"] + c["fn"], c)
-
-
-def accuracy(c: dict) -> float:
-    return _ratio("accuracy", c["tp"] + c["tn"], c["tp"] + c["fp"] + c["fn"] + c["tn"], c)
-
-
-def precision(c: dict) -> float:
-    return _ratio("precision", c["tp"], c["tp"] + c["fp"], c)
-
-
-def recall(c: dict) -> float:
-    return _ratio("recall", c["tp"], c["tp"] + c["fn"], c)
-
-
-def voe(c: dict) -> float:
-    return 1.0 - iou(c)
-
-
-def rvd(c: dict) -> float:
-    return _ratio("rvd", c["pred_voxels"] - c["ref_voxels"], c["ref_voxels"], c)
-
-
-OVERLAP_SCORES: dict[str, Callable[[dict], float]] = {
-    "dice": dice, "iou": iou, "accuracy": accuracy, "precision": precision, "recall": recall,
-    "voe": voe, "rvd": rvd}
+OVERLAP_SCORES: dict[str, Callable[[dict], float]] = {m.name: _overlap_score(m) for m in METRIC_LIST if m.ratio}
+dice = OVERLAP_SCORES["dice"]
 DISTANCES = ("assd", "mssd", "hd95")  # from distance_scores
 
 

@@ -13,7 +13,7 @@ import torch
 
 from shardgen.labels import LIVER, NUM_CLASSES, TUMOUR
 
-from .vocabulary import empty_score
+from .vocabulary import METRIC_LIST, Metric, empty_score
 
 
 # --------------------------------------------------------------------------- counting
@@ -90,36 +90,17 @@ def _ratio(metric: str, numerator: torch.Tensor, denominator: torch.Tensor,
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1), if_empty.to(torch.float32))
 
 
-def dice(counts: torch.Tensor) -> torch.Tensor:
-    """2tp / (2tp + fp + fn); 1 when the class is absent from prediction and target."""
-    tp, fp, fn, _ = _unpack(counts)
-    return _ratio("dice", 2 * tp, 2 * tp + fp + fn, torch.ones_like(tp, dtype=torch.bool))
+def _training_score(metric: Metric) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``metric``'s formula (vocabulary.METRIC_LIST) on counts (..., 4) → float32 (...)."""
+    def score(counts: torch.Tensor) -> torch.Tensor:
+        tp, fp, fn, tn = _unpack(counts)
+        num, den = metric.ratio(tp, fp, fn, tn)
+        return _ratio(metric.name, num, den, (tp + fp == 0) & (tp + fn == 0))
 
-
-def iou(counts: torch.Tensor) -> torch.Tensor:
-    """tp / (tp + fp + fn), the Jaccard index; 1 when the class is absent from both."""
-    tp, fp, fn, _ = _unpack(counts)
-    return _ratio("iou", tp, tp + fp + fn, torch.ones_like(tp, dtype=torch.bool))
-
-
-def precision(counts: torch.Tensor) -> torch.Tensor:
-    """tp / (tp + fp); with nothing predicted, 1 if nothing was there either, else 0."""
-    tp, fp, fn, _ = _unpack(counts)
-    return _ratio("precision", tp, tp + fp, fn == 0)
-
-
-def recall(counts: torch.Tensor) -> torch.Tensor:
-    """tp / (tp + fn), the sensitivity; with nothing present, 1 if nothing was predicted."""
-    tp, fp, fn, _ = _unpack(counts)
-    return _ratio("recall", tp, tp + fn, fp == 0)
-
-
-def accuracy(counts: torch.Tensor) -> torch.Tensor:
-    """(tp + tn) / all pixels; 1 for no pixels."""
-    tp, fp, fn, tn = _unpack(counts)
-    return _ratio("accuracy", tp + tn, tp + fp + fn + tn, torch.ones_like(tp, dtype=torch.bool))
+    score.__name__ = score.__qualname__ = metric.name
+    return score
 
 
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "dice": dice, "iou": iou, "precision": precision, "recall": recall, "accuracy": accuracy,
-}
+    m.name: _training_score(m) for m in METRIC_LIST if m.in_training}
+dice, iou, precision, recall, accuracy = (SCORES[name] for name in ("dice", "iou", "precision", "recall", "accuracy"))

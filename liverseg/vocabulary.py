@@ -1,29 +1,44 @@
-"""The score vocabulary: every per-case metric evaluation reports, with its unit and
-whether the printed table shows it, and what a score is when a mask is empty, in
-training and in evaluation (docs/METRICS.md, "Empty masks"). Computing code (metrics.py,
-lits.py) and every consumer (metrics.csv, report.html, the printed table, W&B) read these.
+"""The score vocabulary: every per-case metric evaluation reports, with its unit, whether
+the printed table and training show it, its formula from the overlap counts, and what a
+score is when a mask is empty, in training and in evaluation (docs/METRICS.md, "Empty
+masks"). Computing code (metrics.py for training, lits.py for evaluation) and every consumer
+(metrics.csv, report.html, the printed table, W&B) read these.
 
-Adding a metric: add it to ``METRIC_LIST`` and its function to ``lits.OVERLAP_SCORES``
-(or ``lits.distance_scores``); every output then has it.
+Adding a metric: add it to ``METRIC_LIST``. One computed from the overlap counts needs
+nothing else (its ``ratio``); a surface distance is computed in ``lits.distance_scores``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+# (tp, fp, fn, tn) → (numerator, denominator); plain arithmetic, so that the same formula
+# scores Python ints (evaluation) and torch tensors (training)
+Ratio = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 
 
 @dataclass(frozen=True)
 class Metric:
     name: str
+    both_empty: float  # the score when prediction and reference are both empty (see below)
     unit: str = ""  # shown on chart axes; "" for a ratio
     in_table: bool = False  # printed by `liverseg-eval run` (all are in metrics.csv and report.html)
+    in_training: bool = False  # logged by training's validation
+    ratio: Ratio | None = None  # None for a surface distance (lits.distance_scores)
 
 
 METRIC_LIST = (
-    Metric("dice", in_table=True), Metric("iou", in_table=True), Metric("accuracy"),
-    Metric("precision", in_table=True), Metric("recall", in_table=True), Metric("voe"), Metric("rvd"),
-    Metric("assd", "mm", in_table=True), Metric("mssd", "mm"), Metric("hd95", "mm"),
+    Metric("dice", 1.0, in_table=True, in_training=True, ratio=lambda tp, fp, fn, tn: (2 * tp, 2 * tp + fp + fn)),
+    Metric("iou", 1.0, in_table=True, in_training=True, ratio=lambda tp, fp, fn, tn: (tp, tp + fp + fn)),
+    Metric("accuracy", 1.0, in_training=True, ratio=lambda tp, fp, fn, tn: (tp + tn, tp + fp + fn + tn)),
+    Metric("precision", 1.0, in_table=True, in_training=True, ratio=lambda tp, fp, fn, tn: (tp, tp + fp)),
+    Metric("recall", 1.0, in_table=True, in_training=True, ratio=lambda tp, fp, fn, tn: (tp, tp + fn)),
+    Metric("voe", 0.0, ratio=lambda tp, fp, fn, tn: (fp + fn, tp + fp + fn)),  # 1 - iou
+    Metric("rvd", 0.0, ratio=lambda tp, fp, fn, tn: (fp - fn, tp + fn)),  # (|pred| - |ref|) / |ref|
+    Metric("assd", 0.0, "mm", in_table=True), Metric("mssd", 0.0, "mm"), Metric("hd95", 0.0, "mm"),
 )
 METRICS = tuple(m.name for m in METRIC_LIST)
 TABLE_METRICS = tuple(m.name for m in METRIC_LIST if m.in_table)
@@ -37,8 +52,7 @@ UNITS = {m.name: m.unit for m in METRIC_LIST if m.unit}
 # undefined: evaluation reports NaN, which dataset means skip; training reports 0, so
 # that no NaN reaches a loss, a log or a best-checkpoint comparison.
 
-BOTH_EMPTY = {"dice": 1.0, "iou": 1.0, "accuracy": 1.0, "precision": 1.0, "recall": 1.0,
-              "voe": 0.0, "rvd": 0.0, "assd": 0.0, "mssd": 0.0, "hd95": 0.0}
+BOTH_EMPTY = {m.name: m.both_empty for m in METRIC_LIST}
 ONE_SIDE_EMPTY = {"training": 0.0, "evaluation": math.nan}
 
 

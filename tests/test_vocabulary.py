@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from liverseg import lits, metrics, report
-from liverseg.vocabulary import BOTH_EMPTY, METRICS, TABLE_METRICS, UNITS
+from liverseg.vocabulary import BOTH_EMPTY, METRIC_LIST, METRICS, TABLE_METRICS, UNITS
 from shardgen.labels import CLASS_NAMES, CLASS_RGB, LIVER, NUM_CLASSES, SCORED_CLASSES, TUMOUR, overlay
 
 EMPTY = np.zeros((3, 4, 4), bool)
@@ -37,6 +37,10 @@ def test_every_listed_metric_is_computed_and_reported():
     scores = lits.binary_scores(SOME, SOME, (1.0, 1.0, 1.0))
     assert set(METRICS) <= set(scores)
     assert set(TABLE_METRICS) <= set(METRICS) and set(UNITS) <= set(METRICS)
+    # the formulas live in the list: evaluation scores every one, training those it logs
+    assert list(lits.OVERLAP_SCORES) == [m.name for m in METRIC_LIST if m.ratio]
+    assert list(metrics.SCORES) == [m.name for m in METRIC_LIST if m.in_training]
+    assert [m.name for m in METRIC_LIST if not m.ratio] == list(lits.DISTANCES)
     assert report.CSV_COLUMNS == ("case", "variant", "class", *METRICS, "seconds")
 
 
