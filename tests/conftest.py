@@ -13,6 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Under pytest-xdist (launch/test.sh runs one worker per core) each worker gets its share
+# of the cores for torch's and BLAS's threads, set before either is imported: two workers
+# of two threads each on two cores spin against each other (docs/PERFORMANCE.md, "Test suite").
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -62,6 +69,12 @@ def labels(shape, liver=(), tumour=()) -> np.ndarray:
     for box in tumour:
         out[box] = 2
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: with one worker per core (pytest-xdist) the long ones then
+    run beside the many short ones, and no worker is left with a long one at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session")

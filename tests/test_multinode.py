@@ -133,6 +133,7 @@ def exported(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "last" / "model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 def test_two_machines_on_localhost_train_what_one_machine_with_two_processes_trains(uneven_shards, tmp_path):
     shards = read_manifest(uneven_shards)["shards"]

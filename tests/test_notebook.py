@@ -11,6 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parents[1] / "launch" / "colab.ipynb"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_colab_notebook_executes_in_smoke_mode(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
