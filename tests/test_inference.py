@@ -122,22 +122,23 @@ class Constant(torch.nn.Module):
         return self.logits.to(x.device)[None, :, None, None].expand(x.shape[0], 3, *x.shape[2:]).clone()
 
 
-def test_the_tumour_probability_is_the_ensembles_mean_as_uint8(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_tumour_probability_is_the_ensembles_mean_as_uint8(tmp_path, device):
     vol, seg = geometry_case(tmp_path)
     case = load_case(vol, seg)
     pre = Preprocessing(size=64, context=0)
     a, b = (0.0, 1.0, 2.0), (0.0, 2.0, 0.5)  # tumour 0.665 and 0.169 by softmax, liver wins for b
     members = [Member("a", tmp_path, Constant(a), pre), Member("b", tmp_path, Constant(b), pre)]
-    done = predict_volume(members, case.image, case.spacing, torch.device("cpu"), batch_size=4,
+    done = predict_volume(members, case.image, case.spacing, torch.device(device), batch_size=4,
                           tumour_probability=True)
     p_a, p_b = (float(torch.tensor(x).softmax(0)[2]) for x in (a, b))
     assert done.tumour_probability.dtype == np.uint8 and done.tumour_probability.shape == case.image.shape
     values, counts = np.unique(done.tumour_probability, return_counts=True)
     assert values[counts.argmax()] == round((p_a + p_b) / 2 * 255)  # 107
     assert set(done.labels) == {"a", "b", ENSEMBLE} and np.all(done.labels[ENSEMBLE][done.tumour_probability > 0] == 1)
-    alone = predict_volume(members[:1], case.image, case.spacing, torch.device("cpu"), tumour_probability=True)
+    alone = predict_volume(members[:1], case.image, case.spacing, torch.device(device), tumour_probability=True)
     assert np.unique(alone.tumour_probability, return_counts=True)[0][-1] == round(p_a * 255)
-    assert predict_volume(members, case.image, case.spacing, torch.device("cpu")).tumour_probability is None
+    assert predict_volume(members, case.image, case.spacing, torch.device(device)).tumour_probability is None
 
 
 class LeftSided(torch.nn.Module):
