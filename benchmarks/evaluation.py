@@ -224,7 +224,9 @@ def metrics(slices: int, size: int, spacing: tuple[float, float, float], repeat:
 @click.option("--encoder", default="resnet34", show_default=True)
 @click.option("--size", default=512, show_default=True, help="Network input size (the volume is 512x512).")
 @click.option("--device", default="cuda", show_default=True, help="cpu only to check the script itself.")
-def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) -> None:
+@click.option("--tumour-probability", is_flag=True,
+              help="Also bring back the tumour probability, as a chain with remove_unsure_lesions asks.")
+def infer(slices: int, batch_size: int, encoder: str, size: int, device: str, tumour_probability: bool) -> None:
     """Whole-volume inference (liverseg.inference.predict_volume: windowing, resizing,
     2.5D stacking, autocast, softmax, labels back on the host) vs. the bare model on
     synthetic tensors already on the device, in one run. Target >= 90 %."""
@@ -258,7 +260,8 @@ def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) ->
 
     def whole() -> float:
         start = time.perf_counter()
-        predict_volume([member], volume, (1.0, 0.8, 0.8), device, batch_size)  # labels on the host: synchronised
+        predict_volume([member], volume, (1.0, 0.8, 0.8), device, batch_size,  # labels on the host: synchronised
+                       tumour_probability=tumour_probability)
         return slices / (time.perf_counter() - start)
 
     volume = np.random.default_rng(0).integers(-1000, 1000, (slices, 512, 512)).astype(np.int16)
@@ -271,7 +274,8 @@ def infer(slices: int, batch_size: int, encoder: str, size: int, device: str) ->
     synthetic, whole_rate = bares[1], wholes[1]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# infer, {date.today()}, {name}, torch {torch.__version__}, unet {encoder}, "
-          f"{size}x{size}x{pre.channels}, batch {batch_size}, {slices} slices")
+          f"{size}x{size}x{pre.channels}, batch {batch_size}, {slices} slices"
+          + (", with the tumour probability" if tumour_probability else ""))
     print(f"bare model on device tensors: {synthetic:.4g} slices/s; whole-volume inference: "
           f"{whole_rate:.4g} slices/s ({100 * whole_rate / synthetic:.0f} %); medians of 3 "
           f"(whole: {', '.join(f'{w:.4g}' for w in wholes)})")

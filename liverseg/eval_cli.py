@@ -119,9 +119,9 @@ def predict(**options) -> None:
 @shared_options(split="val")
 @friendly_errors
 def tune(**options) -> None:
-    """Choose the postprocessing's lesion filters on labelled validation cases, by the mean
-    per-case tumour Dice: first the smallest lesion kept (remove_small_lesions), then the
-    least mean tumour probability a lesion needs (remove_unsure_lesions). Writes
+    """Choose the postprocessing's lesion filters on labelled validation cases: of every
+    pair of smallest lesion kept (remove_small_lesions) and least mean tumour probability a
+    lesion needs (remove_unsure_lesions), the one with the best mean per-case tumour Dice. Writes
     postprocess.json, to pass to `run --postprocess`, and tuning.json into --out. The
     --postprocess chain is the one tuned. Tune on validation cases, never on the test cases
     you report."""
