@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from liverseg.oracle import lesion_table, oracle_dice
+from shardgen.clihelp import friendly_errors
 
 
 @click.command()
@@ -23,6 +24,7 @@ from liverseg.oracle import lesion_table, oracle_dice
               help="Smallest lesion volumes the oracle finds, comma-separated.")
 @click.option("--min-hu", "contrasts", default="0,20,30,40", show_default=True,
               help="Smallest |contrast| to the liver around a lesion the oracle finds, comma-separated.")
+@friendly_errors
 def main(data: Path, split: str, volumes: str, contrasts: str) -> None:
     """What the per-case tumour Dice of a set of cases allows: the mean an oracle would
     score that segments exactly every reference lesion of at least MIN_CM3 whose median HU
@@ -30,7 +32,6 @@ def main(data: Path, split: str, volumes: str, contrasts: str) -> None:
     MSD folder or a shard manifest (its cases are read from their source files). The oracle
     is liverseg.oracle's, the one `liverseg-eval run` reports at its default thresholds."""
     from liverseg.evaluate import find_cases
-    from shardgen.errors import ShardgenError
     from shardgen.nifti import load_case
 
     try:
@@ -38,14 +39,9 @@ def main(data: Path, split: str, volumes: str, contrasts: str) -> None:
         sources, _ = find_cases(data, split, with_labels=True)
     except ValueError as exc:
         raise click.BadParameter(f"--min-cm3 and --min-hu take comma-separated numbers ({exc})") from None
-    except ShardgenError as exc:  # liverseg's errors included
-        raise click.ClickException(str(exc)) from None
     scores: dict[tuple[float, float], list[float]] = {(v, c): [] for v in rows for c in columns}
     for source in sources:
-        try:
-            case = load_case(source.image, source.label)
-        except ShardgenError as exc:
-            raise click.ClickException(str(exc)) from None
+        case = load_case(source.image, source.label)
         lesions = lesion_table(case.label, case.image, case.spacing)
         for v, c in scores:
             scores[v, c].append(oracle_dice(lesions, v, c))

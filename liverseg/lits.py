@@ -160,7 +160,7 @@ def _overlap_score(metric: Metric) -> Callable[[dict], float]:
 
 OVERLAP_SCORES: dict[str, Callable[[dict], float]] = {m.name: _overlap_score(m) for m in METRIC_LIST if m.ratio}
 dice = OVERLAP_SCORES["dice"]
-DISTANCES = ("assd", "mssd", "hd95")  # from distance_scores
+DISTANCES = tuple(m.name for m in METRIC_LIST if m.ratio is None)  # from distance_scores
 
 
 def _check_masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """Experiment trackers (W&B, TensorBoard) for training and evaluation: whether W&B can go
 online, starting Accelerate's trackers for a training run, the validation overlays, and
-an evaluation logged as one W&B run. No torch here; ``wandb`` is imported only when used."""
+an evaluation logged as one W&B run. No torch here; ``wandb``, and ``report`` with its
+matplotlib, are imported only by the evaluation's functions, so training never loads them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import TrainConfig
-from .report import CSV_COLUMNS, as_float, case_order, is_number, slug
 from .vocabulary import METRICS
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ def flatten_summary(summary: Mapping) -> dict[str, float]:
     "ensemble/detection/recall_<10 mm", "ensemble/detection/recall_any_<10 mm",
     "ensemble/detection/tumour_free_fraction", "ensemble/oracle/fraction",
     "ensemble/burden/rmse", "timings/<key>", "cases", "failed"."""
+    from .report import as_float, is_number
     flat: dict[str, float] = {}
     for variant, groups in (summary.get("variants") or {}).items():
         for group, values in (groups or {}).items():
@@ -82,6 +83,7 @@ def flatten_summary(summary: Mapping) -> dict[str, float]:
 
 
 def flatten_value(prefix: str, key: str, value: Any) -> dict[str, float]:
+    from .report import as_float, is_number
     if isinstance(value, Mapping):  # {"mean", "std", ...} of one metric
         return {f"{prefix}/{key}_{s}": float(v) for s, v in value.items() if is_number(v)}
     if key == "by_size":
@@ -100,6 +102,7 @@ def panel_text(path: Path) -> dict[str, str]:
 def panels_by_case(panels: Sequence[Path], cases: Sequence[str]) -> dict[str, Path]:
     """The first panel of each case: by the "Case" stored by ``write_panel``, else by the case
     name appearing, as whole words, in the panel's title or file name (longest name wins)."""
+    from .report import slug
     found: dict[str, Path] = {}
     for path in panels:
         text = panel_text(Path(path))
@@ -114,6 +117,7 @@ def panels_by_case(panels: Sequence[Path], cases: Sequence[str]) -> dict[str, Pa
 
 
 def cases_table(rows: Sequence[Mapping], panels: Sequence[Path]):
+    from .report import CSV_COLUMNS, as_float, case_order
     import wandb
 
     images = {case: wandb.Image(str(p)) for case, p in panels_by_case(panels, case_order(rows)).items()}

@@ -100,7 +100,27 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
         raise ShardgenError(f"{where}: \"shards\" must be a list of shard entries")
     for shard in shards:
         check_shard_path(shard.get("path"), where)
+        check_counts(shard, where)
     return data
+
+
+COUNT_KEYS = ("samples", "targets", "bytes", "liver_slices", "tumour_slices")  # of a shard entry
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_counts(shard: dict[str, Any], where: str) -> None:
+    """A shard entry's counts (``COUNT_KEYS`` and ``pixels``, one per class) are whole
+    numbers >= 0: the loader, the totals and a stratified merge compute with them."""
+    bad = [k for k in COUNT_KEYS if not is_count(shard.get(k))]
+    pixels = shard.get("pixels")
+    if not isinstance(pixels, list) or not pixels or not all(is_count(n) for n in pixels):
+        bad.append("pixels")
+    if bad:
+        raise ShardgenError(f"{where}: shard {shard.get('path')!r}: {', '.join(bad)} must be counts "
+                            "(whole numbers >= 0)")
 
 
 SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

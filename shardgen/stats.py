@@ -7,7 +7,6 @@ way for both, so that the phantoms can be calibrated against LiTS.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -21,6 +20,7 @@ from scipy import ndimage
 
 from .discover import CaseSource, Rejection, discover
 from .errors import InvalidCase, ShardgenError
+from .io import write_json_atomic
 from .nifti import load_case
 
 CONNECTIVITY = 6  # LiTS counts lesions as 6-connected components of label 2
@@ -274,6 +274,4 @@ def span(pair: list[float] | None) -> str:
 
 def write_json(path: Path, summary: dict[str, Any], cases: list[dict[str, Any]],
                skipped: list[Rejection]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"summary": summary, "cases": cases, "skipped": [r.to_dict() for r in skipped]}
-    path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    write_json_atomic(path, {"summary": summary, "cases": cases, "skipped": [r.to_dict() for r in skipped]})

@@ -131,3 +131,11 @@ def test_ceiling_prints_the_library_oracle(tmp_path):
     table = output.splitlines()[-2:]
     for line, v in zip(table, (0.0, 2.0)):
         assert line.split() == [f"{v:g}", *(f"{oracle.oracle_dice(lesions, v, c):.3f}" for c in (0.0, 20.0))]
+
+
+def test_ceiling_names_an_unreadable_case_in_one_line(tmp_path):
+    (tmp_path / "volume-0.nii").write_bytes(b"not a nifti")
+    (tmp_path / "segmentation-0.nii").write_bytes(b"not a nifti")
+    done = CliRunner().invoke(ceiling.main, [str(tmp_path)])
+    assert done.exit_code == 1 and done.output.startswith("Error: ") and "volume-0.nii" in done.output, done.output
+    assert done.output.count("\n") == 1 and not isinstance(done.exception, (TypeError, ValueError))

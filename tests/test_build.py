@@ -133,6 +133,20 @@ def test_merge_refuses_shards_outside_the_merged_manifests_folder(phantom_dir, t
     assert not (tmp_path / "node1" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("key, forged", [("tumour_slices", "3"), ("tumour_slices", None), ("tumour_slices", -1),
+                                         ("tumour_slices", True), ("samples", 2.5), ("pixels", [1, "x", 3])])
+def test_merge_refuses_a_node_manifest_with_forged_counts(phantom_dir, tmp_path, key, forged):
+    # a node's manifest is untrusted: its counts feed the stratified split, the totals and the loader
+    common = dict(inputs=(phantom_dir,), preprocessing=Preprocessing(size=32), num_nodes=2)
+    parts = [build_shards(BuildConfig(out=tmp_path / "multi", node_rank=r, **common)) for r in (0, 1)]
+    manifest = json.loads(parts[1].manifest_path.read_text())
+    manifest["shards"][0][key] = forged
+    parts[1].manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardgenError, match=rf"{parts[1].manifest_path}: shard '.*': {key} must be counts"):
+        merge_manifests([p.manifest_path for p in parts], tmp_path / "multi" / "manifest.json")
+    assert not (tmp_path / "multi" / "manifest.json").exists()
+
+
 def test_rerun_reuses_finished_shards(phantom_dir, tmp_path):
     config = BuildConfig(inputs=(phantom_dir,), out=tmp_path, preprocessing=Preprocessing(size=32))
     first = build_shards(config)

@@ -133,7 +133,4 @@ def test_a_stratified_rule_reads_tumour_presence_from_the_shard_records():
     assert "stratify" not in split_rule((0.6, 0.2, 0.2), 0, None, ids, stratify=False)
     with pytest.raises(ShardgenError, match="unknown split stratification"):
         apply_split_rule({**rule, "stratify": "size"}, ids, records)
-    for forged in ("3", None, -1, True):  # a merged node manifest is untrusted
-        bad = [{**r, "tumour_slices": forged} if r["case"] == "c7" else r for r in records]
-        with pytest.raises(ShardgenError, match="case 'c7': tumour_slices must be a count"):
-            apply_split_rule(rule, ids, bad)
+    # a node manifest's counts are checked when it is read (tests/test_build.py, forged counts)

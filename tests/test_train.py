@@ -200,3 +200,9 @@ def test_without_validation_shards_training_warns_and_exports_no_best(phantom_di
     assert result.best == {} and result.last_metrics == {}
     assert (tmp_path / "run" / "last").is_dir() and not (tmp_path / "run" / "best").exists()
     assert not [h for h in history(tmp_path / "run") if "val/dice_mean" in h]
+
+
+def test_the_trackers_training_uses_load_no_matplotlib():
+    # matplotlib (0.5-0.7 s per process) is evaluation's: every training rank would pay it
+    code = "import sys, liverseg.tracking; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
