@@ -227,6 +227,7 @@ class EvalConfig:
     with_labels: bool = True
     convention: str = "liverseg"  # "lits": also the LiTS challenge scorer's figures (lits_official)
     output_format: str = "nifti"  # "dicom-seg": a DICOM series' prediction also as a DICOM SEG
+    report: bool = True  # charts/, panels/ and report.html; False: the CSV and JSON files only
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:

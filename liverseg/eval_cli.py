@@ -86,11 +86,14 @@ def main() -> None:
 @click.option("--convention", type=click.Choice(CONVENTIONS), default=default("convention"), show_default=True,
               help="lits: also score every variant as the LiTS challenge scorer does (summary.json: "
                    "lits_official, under its names).")
+@click.option("--report/--no-report", default=default("report"), show_default=True,
+              help="Draw charts/, panels/ and report.html (a few seconds); --no-report writes the "
+                   "metrics and summary only, e.g. in a sweep.")
 @friendly_errors
 def run(report_to: str, **options) -> None:
     """Predict, postprocess and score labelled cases: each checkpoint, their ensemble and
-    the postprocessed ensemble. Writes predictions/, metrics.csv, summary.json, charts/,
-    panels/ and report.html into --out."""
+    the postprocessed ensemble. Writes predictions/, metrics.csv, summary.json and, unless
+    --no-report, charts/, panels/ and report.html into --out."""
     config = checked(EvalConfig(**options, report_to=report_to, with_labels=True))
     from .evaluate import run_evaluation
 
@@ -98,7 +101,8 @@ def run(report_to: str, **options) -> None:
     if result.summary is not None:
         print_table(result.summary)
         print_official(result.summary.get("lits_official"))
-        click.echo(f"report: {result.report}")
+        if result.report is not None:
+            click.echo(f"report: {result.report}")
     finish(result)
 
 

@@ -152,8 +152,9 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
         tick = time.perf_counter()
         result.oracle_dice = oracle.case_oracle_dice(truth, image, spacing)  # the image loaded above
         result.seconds["oracle"] = time.perf_counter() - tick
-        result.panel, result.error_panel, result.tumour_panel = choose_panels(
-            image, truth, final, members[0].preprocessing.window)
+        if config.report:
+            result.panel, result.error_panel, result.tumour_panel = choose_panels(
+                image, truth, final, members[0].preprocessing.window)
     result.seconds["total"] = time.perf_counter() - start
     return result
 
@@ -327,7 +328,9 @@ def pick_panels(results: list[CaseResult]) -> list[dict]:
 
 
 def write_outputs(results: list[CaseResult], failed: list[dict], members: list[Member],
-                  config: EvalConfig, postprocess: Postprocess) -> tuple[dict, Path]:
+                  config: EvalConfig, postprocess: Postprocess) -> tuple[dict, Path | None]:
+    """metrics.csv, summary.json and cases.json; with ``config.report`` also the charts,
+    the panels and report.html (returned; None without). W&B gets what was drawn."""
     out = Path(config.out)
     rows = metric_rows(results, members)
     summary = build_summary(results, failed, members, config, postprocess)
@@ -337,10 +340,12 @@ def write_outputs(results: list[CaseResult], failed: list[dict], members: list[M
                                              "seconds": r.seconds, "prediction": r.prediction,
                                              **({"lits_official": r.official} if r.official else {})}
                                     for r in results})
-    charts = report.write_charts(rows, summary, out / "charts")
-    panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{report.slug(p['title'])}.png")
-              for i, p in enumerate(pick_panels(results))]
-    html = report.write_html(summary, rows, charts, panels, out / "report.html")
+    charts, panels, html = [], [], None
+    if config.report:
+        charts = report.write_charts(rows, summary, out / "charts")
+        panels = [report.write_panel(p, out / "panels" / f"{i:02d}-{report.slug(p['title'])}.png")
+                  for i, p in enumerate(pick_panels(results))]
+        html = report.write_html(summary, rows, charts, panels, out / "report.html")
     if config.report_to == "wandb":
         tracking.log_wandb(summary, rows, charts, panels, out)
     return summary, html

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import dataclasses
+import json
 import multiprocessing
 import os
 import resource
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,14 +80,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name``, made by ``build(folder)`` once per test run: under pytest-xdist
+    the first worker to ask builds it while any other waits, and every worker reads the
+    same folder (the workers' temporary folders share a parent unique to the run)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Six tiny phantom cases (64 px, 10-16 slices), shared by the tests that only read them."""
     from shardgen.phantom import write_phantoms
 
-    out = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(out, 6, seed=3, size=64, slices=(10, 16))
-    return out
+    return built_once(tmp_path_factory, "phantoms", lambda out: write_phantoms(out, 6, seed=3, size=64, slices=(10, 16)))
 
 
 @pytest.fixture(scope="session")
@@ -95,32 +114,36 @@ def train_shards(phantom_dir, tmp_path_factory) -> Path:
     from shardgen.build import BuildConfig, build_shards
     from shardgen.preprocess import Preprocessing
 
-    out = tmp_path_factory.mktemp("train-shards")
-    build_shards(BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64),
-                             fractions=(0.5, 0.17, 0.33)))
-    return out
+    return built_once(tmp_path_factory, "train-shards", lambda out: build_shards(
+        BuildConfig(inputs=(phantom_dir,), out=out, preprocessing=Preprocessing(size=64), fractions=(0.5, 0.17, 0.33))))
 
 
-# the settings of every tiny training: 3 steps, one validation and one save at the end
-TINY_TRAINING = dict(encoder="resnet18", steps=3, batch_size=2, val_every=3, save_every=3, log_every=1,
-                     workers=0, shuffle_buffer=8, warmup_steps=2)
+# the settings of every tiny training: 3 steps, one validation and one save at the end. A
+# small timm encoder and a narrow decoder: 1 s and 8 MB of checkpoints per run, where
+# resnet18 takes 3-4 s and writes 275 MB (weights, optimizer state, best/ and last/)
+TINY_TRAINING = dict(encoder="tu-mobilenetv3_small_050", decoder_channels=(32, 16, 16, 8, 8), steps=3, batch_size=2,
+                     val_every=3, save_every=3, log_every=1, workers=0, shuffle_buffer=8, warmup_steps=2)
 
 
 @pytest.fixture(scope="session")
 def trained(train_shards, tmp_path_factory) -> dict:
     """A U-Net and a ResUNet trained with TINY_TRAINING on train_shards, once per run:
     ``{arch: (run folder, TrainResult)}``. The U-Net learns with left-right flips (so
-    ``--tta flips`` uses them), the ResUNet without. Read only."""
+    ``--tta flips`` uses them), the ResUNet without. Shared by the test workers (the
+    results are read back from the run folder's JSON). Read only."""
     from liverseg.config import AugmentConfig, TrainConfig
-    from liverseg.train import train
+    from liverseg.train import TrainResult, train
 
-    runs = tmp_path_factory.mktemp("runs")
-    done = {}
-    for arch, flip_lr in (("unet", 0.5), ("resunet", 0.0)):
-        config = TrainConfig(shards=str(train_shards), out=str(runs / arch), arch=arch,
-                             augment=AugmentConfig(flip_lr=flip_lr), **TINY_TRAINING)
-        done[arch] = (runs / arch, train(config))
-    return done
+    def build(runs: Path) -> None:
+        for arch, flip_lr in (("unet", 0.5), ("resunet", 0.0)):
+            config = TrainConfig(shards=str(train_shards), out=str(runs / arch), arch=arch,
+                                 augment=AugmentConfig(flip_lr=flip_lr), **TINY_TRAINING)
+            result = dataclasses.asdict(train(config))
+            (runs / f"{arch}.json").write_text(json.dumps({**result, "run_dir": str(result["run_dir"])}))
+
+    runs = built_once(tmp_path_factory, "runs", build)
+    results = {arch: json.loads((runs / f"{arch}.json").read_text()) for arch in ("unet", "resunet")}
+    return {arch: (runs / arch, TrainResult(**{**r, "run_dir": Path(r["run_dir"])})) for arch, r in results.items()}
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +175,9 @@ def _run_forked(argv: list[str], env: dict[str, str], cwd: str, out: str, err: s
     os.environ.update(env)
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
+        if fd == 2 and err == out:
+            os.dup2(1, 2)
+            continue
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
@@ -179,22 +205,34 @@ def _run_forked(argv: list[str], env: dict[str, str], cwd: str, out: str, err: s
         Path(peak).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 
 
+def start_python(argv: list[str], *, out: str | Path, err: str | Path | None = None,
+                 env: dict[str, str] | None = None, cwd: str | Path | None = None,
+                 address_space: int | None = None, peak: str | Path | None = None) -> multiprocessing.Process:
+    """Start ``python ARGV`` in a process forked from the warm server (see PRELOAD), its
+    stdout written to the file ``out`` and its stderr to ``err`` (``out`` too if None), and
+    return at once: ``exitcode`` is None while it runs, -N if signal N killed it.
+    ``address_space`` caps its virtual memory (RLIMIT_AS) before it runs anything; ``peak``
+    is a file that receives its peak resident memory in KiB."""
+    args = [str(a) for a in argv]
+    child = _SERVER.Process(target=_run_forked, args=(
+        args, dict(os.environ if env is None else env), str(cwd or os.getcwd()), str(out), str(err or out),
+        address_space, str(peak or os.devnull), multiprocessing.get_start_method()))
+    child.start()
+    return child
+
+
 def run_python(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
                timeout: float = 300, address_space: int | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, *argv], capture_output=True, text=True)``, in a
-    process forked from the warm server (see PRELOAD). ``address_space`` caps the child's
-    virtual memory (RLIMIT_AS) before it runs anything. A child killed by signal N returns
-    -N, as subprocess reports it. The result's ``peak_mb`` is the child's peak resident
-    memory (the server's pages it started with included), None if it was killed."""
+    process forked from the warm server (``start_python``). A child killed by signal N
+    returns -N, as subprocess reports it. The result's ``peak_mb`` is the child's peak
+    resident memory (the server's pages it started with included), None if it was killed."""
     import tempfile
 
     args = [str(a) for a in argv]
     with tempfile.TemporaryDirectory(prefix="run-python-") as folder:
         out, err, peak = (os.path.join(folder, name) for name in ("stdout", "stderr", "peak"))
-        child = _SERVER.Process(target=_run_forked, args=(args, dict(os.environ if env is None else env),
-                                                           str(cwd or os.getcwd()), out, err, address_space, peak,
-                                                           multiprocessing.get_start_method()))
-        child.start()
+        child = start_python(args, out=out, err=err, env=env, cwd=cwd, address_space=address_space, peak=peak)
         child.join(timeout)
         if child.exitcode is None:
             child.kill()
@@ -202,7 +240,7 @@ def run_python(argv: list[str], *, env: dict[str, str] | None = None, cwd: str |
             raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
         text = [Path(path).read_text(errors="replace") if os.path.exists(path) else "" for path in (out, err)]
         done = subprocess.CompletedProcess([sys.executable, *args], child.exitcode, *text)
-        done.peak_mb = int(Path(peak).read_text()) / 1024 if os.path.exists(peak) else None
+        done.peak_mb = int(Path(peak).read_text()) / 1024 if os.path.exists(peak) and os.path.getsize(peak) else None
     return done
 
 
@@ -215,6 +253,8 @@ def console_script(name: str) -> list[str]:
 
 
 def accelerate_launch(*args: str | Path) -> list[str]:
-    """The command of ``accelerate launch ARGS`` with this interpreter (not whichever
-    ``accelerate`` is first on PATH): the one way the tests start launchers."""
-    return [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]
+    """``run_python`` / ``start_python`` arguments of ``accelerate launch ARGS`` with this
+    interpreter (not whichever ``accelerate`` is first on PATH): the one way the tests start
+    launchers. The launcher itself forks from the warm server; the processes it launches
+    are fresh interpreters, as on a real machine."""
+    return ["-m", "accelerate.commands.launch", *map(str, args)]

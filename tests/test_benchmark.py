@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 
 from liverseg import oracle
 
+from conftest import run_python
 from test_oracle import faint_and_bright_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,7 @@ def run(command, args: list[str]) -> str:
 
 @pytest.mark.parametrize("module", ["shards", "loader", "train", "evaluation", "ceiling"])
 def test_each_module_runs_as_a_script(module):
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_python(["-m", f"benchmarks.{module}", "--help"], cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"Usage: python -m benchmarks.{module}" in done.stdout
 

@@ -29,7 +29,7 @@ from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, MIN_PROBABILITY_CAN
 from shardgen.manifest import read_manifest
 from shardgen.nifti import load_case
 
-from conftest import accelerate_launch, write_blob_case
+from conftest import accelerate_launch, run_python, write_blob_case
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["unet", "resunet", "ensemble", POSTPROCESSED]
@@ -65,6 +65,10 @@ def test_ensemble_of_two_checkpoints_writes_every_output(shards, checkpoints, tm
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= len(charts) + len(panels)
     assert all(v in html for v in VARIANTS)
+    card = html[html.index("<h2>lesion scorecard</h2>"):html.index("<h2>tumour detection and burden</h2>")]
+    assert "".join(f"<th>{v}</th>" for v in VARIANTS) in card
+    for row in ("found any overlap &lt;10 mm", "tumour-free w/o false lesion", "Dice per case / oracle"):
+        assert f"<td>{row}</td>" in card, row
 
 
 def test_run_reports_the_lesion_scorecard_of_every_variant(shards, checkpoints, tmp_path, monkeypatch):
@@ -79,7 +83,8 @@ def test_run_reports_the_lesion_scorecard_of_every_variant(shards, checkpoints, 
     monkeypatch.setattr(evaluate, "load_case", load_and_count)
     out = tmp_path / "eval"
     done = CliRunner().invoke(eval_main, ["run", *[a for c in checkpoints for a in ("--checkpoint", c)],
-                                          "--data", str(shards), "--out", str(out), "--batch-size", "8"])
+                                          "--data", str(shards), "--out", str(out), "--batch-size", "8",
+                                          "--no-report"])  # the HTML scorecard: the test above
     assert done.exit_code == 0, done.output
     test_cases = [c for c, s in read_manifest(shards)["split_assignment"].items() if s == "test"]
     assert len(loaded) == len(test_cases)  # the oracle measures the CT read for prediction, not a second copy
@@ -112,11 +117,6 @@ def test_run_reports_the_lesion_scorecard_of_every_variant(shards, checkpoints, 
     assert [name for name, _ in report.scorecard_rows(summary["variants"]["unet"])][:7] == [
         "found IoU>0.5 <10 mm", "found IoU>0.5 10-20 mm", "found IoU>0.5 >=20 mm", "found any overlap <10 mm",
         "found any overlap 10-20 mm", "found any overlap >=20 mm", "lesion precision IoU>0.5"]
-    html = (out / "report.html").read_text()
-    card = html[html.index("<h2>lesion scorecard</h2>"):html.index("<h2>tumour detection and burden</h2>")]
-    assert "".join(f"<th>{v}</th>" for v in VARIANTS) in card
-    for row in ("found any overlap &lt;10 mm", "tumour-free w/o false lesion", "Dice per case / oracle"):
-        assert f"<td>{row}</td>" in card, row
 
 
 def test_bad_cases_are_reported_and_the_others_still_evaluated(checkpoints, tmp_path):
@@ -127,7 +127,7 @@ def test_bad_cases_are_reported_and_the_others_still_evaluated(checkpoints, tmp_
     (data / "volume-3.nii").write_bytes(b"")  # zero bytes, with a label
     write_blob_case(data, 4)[1].unlink()  # no label
     result = CliRunner().invoke(eval_main, ["run", "--checkpoint", checkpoints[0], "--data", str(data),
-                                            "--out", str(tmp_path / "eval"), "--batch-size", "4"])
+                                            "--out", str(tmp_path / "eval"), "--batch-size", "4", "--no-report"])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert "volume-3.nii: empty file (0 bytes)" in result.output
@@ -137,6 +137,10 @@ def test_bad_cases_are_reported_and_the_others_still_evaluated(checkpoints, tmp_
     assert {r["case"] for r in rows} == {"volume-1", "volume-2"}
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert {f["case"] for f in summary["failed"]} == {"volume-3", "volume-4"}
+    # --no-report: the metrics and the table, no figures, no page, no "report:" line
+    assert "lesion scorecard" in result.output and "report:" not in result.output
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "cases.json", "config.json", "metrics.csv", "predictions", "summary.json"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -200,13 +204,13 @@ def test_two_processes_split_the_cases_and_the_main_one_reports(shards, checkpoi
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = accelerate_launch("--config_file", ROOT / "accelerate_configs" / "cpu.yaml", "--num_processes", "2",
                                 "-m", "liverseg.eval_cli", "run", "--checkpoint", checkpoints[0],
-                                "--data", shards, "--out", out, "--postprocess", "none")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=220, env=env, cwd=ROOT)
+                                "--data", shards, "--out", out, "--postprocess", "none", "--no-report")
+    done = run_python(command, timeout=220, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     test_cases = [c for c, s in read_manifest(shards)["split_assignment"].items() if s == "test"]
     assert summary["cases"] == len(test_cases)
-    assert done.stdout.count("report:") == 1
+    assert sum(line.startswith("lesion scorecard") for line in done.stdout.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- tuning
@@ -286,7 +290,7 @@ def test_tune_measures_each_pair_of_filters_on_the_validation_cases_and_run_uses
     assert chosen == chains[chosen_pair] and done.output.count("*") == 2  # the legend's and the chosen cell's
     out = tmp_path / "eval"
     run_evaluation(EvalConfig(checkpoints=tuple(checkpoints), data=str(shards), out=str(out),
-                              postprocess=str(tuned / "postprocess.json")))
+                              postprocess=str(tuned / "postprocess.json"), report=False))
     assert json.loads((out / "summary.json").read_text())["postprocess_steps"] == chosen.to_dict()["steps"]
 
 

@@ -29,7 +29,7 @@ def test_run_with_the_lits_convention_adds_the_official_figures(checkpoint, tmp_
         write_blob_case(data, i)
     out = tmp_path / "eval"
     done = CliRunner().invoke(eval_main, ["run", "--checkpoint", checkpoint, "--data", str(data), "--out", str(out),
-                                          "--batch-size", "8", "--convention", "lits"])
+                                          "--batch-size", "8", "--convention", "lits", "--no-report"])
     assert done.exit_code == 0, done.output
     summary = json.loads((out / "summary.json").read_text())
     official = summary["lits_official"]

@@ -348,7 +348,7 @@ def test_eval_reports_each_hostile_case_once_and_does_the_rest(checkpoint, tmp_p
     bad = {make_hostile(make, data, i, monkeypatch): reason.format(i=i)
            for i, (_, make, _, reason) in enumerate(EVAL_HOSTILE, start=2)}
     result = CliRunner().invoke(eval_main, [command, "--checkpoint", checkpoint, "--data", str(data),
-                                            "--out", str(tmp_path / "eval")])
+                                            "--out", str(tmp_path / "eval"), *(["--no-report"] if command == "run" else [])])
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import multiprocessing
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from shardgen.manifest import read_manifest
 from shardgen.phantom import write_phantoms
 from shardgen.preprocess import Preprocessing
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, start_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "accelerate_configs" / "multi_node.yaml"
@@ -76,18 +76,18 @@ def launch_env() -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def start(machine_flags: list[str], shards: Path, out: Path, log: Path) -> subprocess.Popen:
-    """One `accelerate launch` of launch/train.py, as one machine would run it."""
+def start(machine_flags: list[str], shards: Path, out: Path, log: Path) -> multiprocessing.Process:
+    """One `accelerate launch` of launch/train.py, as one machine would run it; its output
+    goes to a file, not a pipe (a full pipe would stall the launcher)."""
     command = accelerate_launch("--config_file", CONFIG, *machine_flags, ROOT / "launch" / "train.py",
                                 "--shards", shards, "--out", out, *TRAIN_FLAGS)
-    with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the launcher
-        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=launch_env())
+    return start_python(command, out=log, env=launch_env())
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: multiprocessing.Process) -> None:
     """Kill a launcher, if still running, and every process it started. torchrun puts
     each worker in a session of its own, so killing a process group would miss them."""
-    if process.poll() is not None:
+    if process.exitcode is not None:
         return
     try:
         tree = psutil.Process(process.pid).children(recursive=True)
@@ -98,7 +98,7 @@ def stop(process: subprocess.Popen) -> None:
             proc.kill()
         except (psutil.NoSuchProcess, ProcessLookupError):  # ended meanwhile
             pass
-    process.wait()
+    process.join()
 
 
 def run_all(launches: list[tuple[list[str], Path, Path]], shards: Path) -> list[str]:
@@ -113,13 +113,13 @@ def run_all(launches: list[tuple[list[str], Path, Path]], shards: Path) -> list[
             stop(process)
     logs = [log.read_text(errors="replace") for _, _, log in launches]
     for process, log in zip(processes, logs):
-        assert process.returncode == 0, f"exit {process.returncode} (negative: killed):\n{log[-3000:]}"
+        assert process.exitcode == 0, f"exit {process.exitcode} (negative: killed):\n{log[-3000:]}"
     return logs
 
 
-def wait_all(processes: list[subprocess.Popen], deadline: float) -> None:
+def wait_all(processes: list[multiprocessing.Process], deadline: float) -> None:
     while time.monotonic() < deadline:
-        codes = [process.poll() for process in processes]
+        codes = [process.exitcode for process in processes]
         if all(code == 0 for code in codes) or any(code not in (None, 0) for code in codes):
             return
         time.sleep(0.5)

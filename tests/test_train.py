@@ -45,7 +45,7 @@ def test_tiny_training_exports_loadable_checkpoints(shards, trained, arch):
         model, config = load_checkpoint(run / name)
         assert config["model"]["arch"] == arch and config["model"]["in_channels"] == 3
         assert config["preprocessing"] == read_manifest(shards)["preprocessing"]
-        assert config["train"]["encoder"] == "resnet18" and "val/dice_mean" in config["metrics"]
+        assert config["train"]["encoder"] == TINY_TRAINING["encoder"] and "val/dice_mean" in config["metrics"]
         manifest = read_manifest(shards)
         assert config["train_cases"] == sorted(s["case"] for s in manifest["shards"] if s["split"] == "train")
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
