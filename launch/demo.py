@@ -3,7 +3,8 @@ ResUNet → each and their ensemble evaluated on held-out phantom cases, postpro
 
     python launch/demo.py [--out demo-out] [--cases N] [--quick] [--device auto|cpu|cuda] [--seed S]
 
-A second run reuses what is already built (phantoms, shards, finished training runs).
+A second run reuses what is already built (phantoms, shards, finished training runs, and the
+tuning and evaluation when nothing they depend on changed) and shows the results again.
 On a CPU it uses a small recipe (256² slices trained as 128² windows, regnetx_002 with a
 narrow decoder) sized to finish in under 10 minutes on 2 cores; with a GPU, the full-size
 recipe (512², resnet34, bf16). Before the test cases are scored, the postprocessing's
@@ -165,47 +166,72 @@ def train_in_parallel(recipe: Recipe, archs: list[str], shards: Path, runs: Path
 
     On a CPU two single-thread processes train 1.28x more samples per second in all than
     one process with two threads (measured on the development machine, 128², batch 16),
-    so the CPU demo trains both models at once. Progress is read from each run's history.
+    so the CPU demo trains both models at once. On Linux the processes are forked from this
+    one, which has imported the model stack already (a fresh interpreter spends about 10 s
+    of CPU on it); elsewhere they start fresh ("spawn"). Each writes its output to
+    ``<run>/train.log``; progress is read from each run's history.
     """
-    import subprocess
+    import multiprocessing
 
     from tqdm.auto import tqdm
+
+    import liverseg.train  # noqa: F401  (imported once here, before the processes fork)
 
     configs = {arch: train_config(recipe, arch, shards, runs / arch) for arch in archs}
     todo = {arch: c for arch, c in configs.items() if not finished(Path(c.out), c)}
     for arch in configs.keys() - todo.keys():
         click.echo(f"    reusing {runs / arch}")
-    threads = str(max(1, (os.cpu_count() or 2) // max(1, len(todo))))
+    threads = max(1, (os.cpu_count() or 2) // max(1, len(todo)))
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     procs = {}
-    for arch, config in todo.items():
-        run = Path(config.out)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "history.jsonl").unlink(missing_ok=True)
-        settings = json.loads(json.dumps(config.replace(
-            resume="auto" if (run / "checkpoints").exists() else None).to_dict()))
-        (run / "demo-config.json").write_text(json.dumps(settings))  # JSON is valid YAML
-        log = open(run / "train.log", "w")
-        procs[arch] = (subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(run / "demo-config.json")],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads}), log)
-    total = sum(c.steps for c in todo.values())
-    with tqdm(total=total, desc="training " + " + ".join(todo), unit="step", disable=not todo) as bar:
-        while any(p.poll() is None for p, _ in procs.values()):
-            time.sleep(2)
+    sys.stdout.flush()
+    sys.stderr.flush()  # or what is buffered here would be written again by each child
+    try:
+        for arch, config in todo.items():
+            run = Path(config.out)
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "history.jsonl").unlink(missing_ok=True)
+            config = config.replace(resume="auto" if (run / "checkpoints").exists() else None)
+            procs[arch] = context.Process(target=train_logged, args=(config, threads, str(run / "train.log")),
+                                          name=f"train-{arch}")
+            procs[arch].start()
+        total = sum(c.steps for c in todo.values())
+        with tqdm(total=total, desc="training " + " + ".join(todo), unit="step", disable=not todo) as bar:
+            while any(p.is_alive() for p in procs.values()):
+                time.sleep(2)
+                bar.n = sum(last_step(Path(todo[a].out)) for a in procs)
+                bar.refresh()
             bar.n = sum(last_step(Path(todo[a].out)) for a in procs)
             bar.refresh()
-        bar.n = sum(last_step(Path(todo[a].out)) for a in procs)
-        bar.refresh()
-    for arch, (proc, log) in procs.items():
-        log.close()
-        if proc.returncode != 0:
-            tail = (Path(todo[arch].out) / "train.log").read_text()[-1500:]
-            raise click.ClickException(f"training {arch} failed (exit {proc.returncode}); "
-                                       f"{Path(todo[arch].out) / 'train.log'} ends with:\n{tail}")
+    finally:  # an interrupted or failed demo leaves no training behind
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    for arch, proc in procs.items():
+        if proc.exitcode != 0:
+            log = Path(todo[arch].out) / "train.log"
+            raise click.ClickException(f"training {arch} failed (exit {proc.exitcode}); "
+                                       f"{log} ends with:\n{log.read_text()[-1500:]}")
         best = json.loads((Path(todo[arch].out) / "best" / "config.json").read_text())["metrics"]
         click.echo(f"    {arch}: best validation Dice liver {best['val/dice_liver']:.3f}, "
                    f"tumour {best['val/dice_tumour']:.3f}")
     return [runs / arch / "best" for arch in archs]
+
+
+def train_logged(config, threads: int, log: str) -> None:
+    """One training run in a process of its own, with ``threads`` CPU threads, its output
+    (progress bar, warnings, a traceback) in the file ``log``."""
+    import torch
+
+    from liverseg.train import train
+
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    for fd in (1, 2):
+        os.dup2(target, fd)
+    os.close(target)
+    torch.set_num_threads(threads)
+    train(config)
 
 
 def last_step(run: Path) -> int:
@@ -216,26 +242,59 @@ def last_step(run: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
+def up_to_date(result: Path, config, checkpoints: list[Path], inputs: tuple[Path, ...] = ()) -> bool:
+    """``result`` (tuning.json, summary.json) was written by this liverseg version with
+    exactly ``config``, after the checkpoints' weights and ``inputs`` were last written: a
+    rerun can show it again instead of computing it again."""
+    from liverseg import __version__
+
+    try:
+        saved = json.loads(result.read_text())
+        written = result.stat().st_mtime
+        newest = max([(Path(c) / "model.safetensors").stat().st_mtime for c in checkpoints]
+                     + [Path(i).stat().st_mtime for i in inputs])
+    except (OSError, ValueError):
+        return False
+    return (isinstance(saved, dict) and saved.get("liverseg_version") == __version__ and written > newest
+            and saved.get("config") == json.loads(json.dumps(config.to_dict())))
+
+
 def tune(checkpoints: list[Path], shards: Path, out: Path, device: str | None) -> Path:
     """The lesion filters of the postprocessing, chosen on the validation cases."""
     from liverseg.config import EvalConfig
     from liverseg.tune import tune_postprocess
 
-    result = tune_postprocess(EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
-                                         split="val", batch_size=32, device=device))
-    chosen, least = (result.min_volume_mm3, result.min_mean_probability), min(result.mean_dice)
+    config = EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out), split="val",
+                        batch_size=32, device=device)
+    if up_to_date(out / "tuning.json", config, checkpoints) and (out / "postprocess.json").exists():
+        saved = json.loads((out / "tuning.json").read_text())
+        click.echo(f"    reusing {out}")
+        chosen = (saved["chosen_min_volume_mm3"], saved["chosen_min_mean_probability"])
+        mean_dice = {(float(v), float(p)): dice for v, row in saved["mean_tumour_dice"].items()
+                     for p, dice in row.items()}
+        path = out / "postprocess.json"
+    else:
+        result = tune_postprocess(config)
+        chosen, mean_dice = (result.min_volume_mm3, result.min_mean_probability), result.mean_dice
+        path = result.postprocess
+    least = min(mean_dice)  # the least filtering of all candidates, to compare with
     click.echo(f"    tumour components under {chosen[0]:g} mm³ or of mean tumour probability under {chosen[1]:g} "
-               f"removed (mean validation tumour Dice {result.mean_dice[chosen]:.3f}; "
-               f"{result.mean_dice[least]:.3f} with {least[0]:g} mm³ and {least[1]:g})")
-    return result.postprocess
+               f"removed (mean validation tumour Dice {mean_dice[chosen]:.3f}; "
+               f"{mean_dice[least]:.3f} with {least[0]:g} mm³ and {least[1]:g})")
+    return path
 
 
-def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | None, postprocess: str = "default"):
+def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | None, postprocess: Path):
     from liverseg.config import EvalConfig
-    from liverseg.evaluate import run_evaluation
+    from liverseg.evaluate import EvalResult, run_evaluation
 
-    return run_evaluation(EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
-                                     split="test", batch_size=32, device=device, postprocess=postprocess))
+    config = EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
+                        split="test", batch_size=32, device=device, postprocess=str(postprocess))
+    if up_to_date(out / "summary.json", config, checkpoints, (postprocess,)) and (out / "report.html").exists():
+        click.echo(f"    reusing {out}")
+        summary = json.loads((out / "summary.json").read_text())
+        return EvalResult(out, summary["cases"], summary["failed"], summary, out / "report.html")
+    return run_evaluation(config)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -249,8 +308,11 @@ def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | Non
 def main(out: Path, cases: int | None, quick: bool, device: str, seed: int) -> None:
     """Phantoms → shards → U-Net + ResUNet → ensemble evaluation, end to end."""
     import torch
+    from tqdm import std
 
     from liverseg.eval_cli import print_table
+
+    std.tqdm.monitor_interval = 0  # no tqdm monitor thread: the CPU recipe forks its trainings
 
     gpu = torch.cuda.is_available() if device == "auto" else device == "cuda"
     recipe = gpu_recipe(quick) if gpu else cpu_recipe(quick)
@@ -279,7 +341,7 @@ def main(out: Path, cases: int | None, quick: bool, device: str, seed: int) -> N
     stage("choosing the postprocessing on the validation cases", start)
     postprocess = tune(checkpoints, base / "shards", base / "tuning", device)
     stage("evaluating each model, the ensemble and the postprocessed ensemble on held-out cases", start)
-    result = evaluate(checkpoints, base / "shards", base / "eval", device, str(postprocess))
+    result = evaluate(checkpoints, base / "shards", base / "eval", device, postprocess)
     stage("done", start)
     print_table(result.summary)
     click.echo(f"report: {result.report}")

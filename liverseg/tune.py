@@ -17,7 +17,7 @@ from shardgen.io import write_json_atomic
 from shardgen.labels import TUMOUR
 from shardgen.nifti import load_case
 
-from . import lits
+from . import __version__, lits
 from .config import EvalConfig
 from .errors import ConfigError
 from .evaluate import ensemble_members, find_cases, load_postprocess, map_cases, resolve_device
@@ -127,7 +127,7 @@ def tune_postprocess(config: EvalConfig, volumes: tuple[float, ...] = MIN_LESION
     write_json_atomic(out / "postprocess.json", chains[chosen].to_dict())
     write_json_atomic(out / "tuning.json", {
         "chosen_min_volume_mm3": chosen[0], "chosen_min_mean_probability": chosen[1], "split": config.split,
-        "config": config.to_dict(), "mean_tumour_dice": by_volume(means),
+        "config": config.to_dict(), "liverseg_version": __version__, "mean_tumour_dice": by_volume(means),
         "cases": {r["case"]: by_volume(r["dice"]) for r in done}, "failed": failed})
     return TuneResult(out / "postprocess.json", *chosen, means, len(done), failed)
 

@@ -4,9 +4,12 @@ break anywhere (orientation, labels, normalisation, reconstruction) fails it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,10 +38,48 @@ def test_quick_demo_learns_the_liver_of_held_out_cases(tmp_path):
     if tuned["chosen_min_mean_probability"] > 0:
         filters.append({"name": "remove_unsure_lesions", "min_mean_probability": tuned["chosen_min_mean_probability"]})
     assert summary["postprocess_steps"][-len(filters):] == filters
-    # a second run reuses the phantoms, the shards and both trained models
+    # a second run reuses the phantoms, the shards, both trained models, the tuning and the
+    # evaluation, and shows the same results
     again = run_python(command, timeout=300, cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 3, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("reusing") == 5, again.stdout[-2000:]
     assert "training " not in again.stderr, again.stderr[-2000:]  # no empty progress bar when nothing trains
+    assert "cases" not in again.stderr, again.stderr[-2000:]  # nothing evaluated again
+    for shown in (lambda out: [line for line in out.splitlines() if "tumour components under" in line],
+                  lambda out: out.split("] done\n", 1)[1]):  # the tuning's line; the table and the report
+        assert shown(again.stdout) == shown(done.stdout)
+
+
+def load_demo() -> SimpleNamespace:
+    return SimpleNamespace(**runpy.run_path(str(ROOT / "launch" / "demo.py"), run_name="demo"))
+
+
+def test_a_result_is_reused_only_if_written_after_its_inputs_with_the_same_settings(tmp_path):
+    from liverseg import __version__
+    from liverseg.config import EvalConfig
+
+    demo = load_demo()
+    checkpoint = tmp_path / "best"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    postprocess = tmp_path / "postprocess.json"
+    postprocess.write_text("{}")
+    config = EvalConfig(checkpoints=(str(checkpoint),), data="shards", out=str(tmp_path / "eval"))
+    result = tmp_path / "summary.json"
+    result.write_text(json.dumps({"config": config.to_dict(), "liverseg_version": __version__}))
+    os.utime(checkpoint / "model.safetensors", (1000, 1000))
+    os.utime(postprocess, (1000, 1000))
+    assert demo.up_to_date(result, config, [checkpoint], (postprocess,))
+    assert not demo.up_to_date(result, dataclasses.replace(config, batch_size=1), [checkpoint])  # other settings
+    os.utime(postprocess)  # an input written after the result
+    assert demo.up_to_date(result, config, [checkpoint]) and not demo.up_to_date(result, config, [checkpoint], (postprocess,))
+    os.utime(checkpoint / "model.safetensors")  # a model trained again
+    assert not demo.up_to_date(result, config, [checkpoint])
+    os.utime(checkpoint / "model.safetensors", (1000, 1000))
+    result.write_text(json.dumps({"config": config.to_dict(), "liverseg_version": "0.0.1"}))
+    assert not demo.up_to_date(result, config, [checkpoint])  # another liverseg
+    result.write_text("{not json")
+    assert not demo.up_to_date(result, config, [checkpoint])
+    assert not demo.up_to_date(tmp_path / "missing.json", config, [checkpoint])
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):
