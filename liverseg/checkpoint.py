@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardgen.errors import ShardgenError
 from shardgen.io import atomic_path
-from shardgen.labels import NUM_CLASSES
+from shardgen.labels import CLASS_NAMES, NUM_CLASSES
 from shardgen.preprocess import Preprocessing
 from shardgen.settings import from_dict, shown
 
@@ -223,6 +223,56 @@ def read_checkpoint_config(folder: Path) -> dict[str, Any]:
     config = _read_json(path)
     check_checkpoint_config(path, config)
     return config
+
+
+def read_evaluable_config(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json, checked (``read_checkpoint_config``) and found to be
+    one evaluation can use (``check_evaluable``); builds nothing, imports no torch."""
+    config = read_checkpoint_config(folder)
+    check_evaluable(Path(folder) / CONFIG_FILE, config)
+    return config
+
+
+# the training settings whose flips test-time augmentation repeats (liverseg.inference.FLIP_DIMS)
+FLIP_SETTINGS = ("flip_lr", "flip_ud")
+
+
+def check_evaluable(path: Path, config: dict) -> None:
+    """CheckpointError naming ``path`` and the field unless a checkpoint config (already
+    checked by ``read_checkpoint_config``) is one evaluation can use: recorded
+    preprocessing, labels 0 background, 1 liver, 2 tumour (what the scores read and the
+    ensemble averages), and flip settings that are probabilities."""
+    if "preprocessing" not in config:
+        raise CheckpointError(f"{path}: no recorded preprocessing")
+    classes = ModelSpec.from_dict(config["model"]).classes
+    if classes != NUM_CLASSES:
+        raise CheckpointError(f"{path}: invalid model.classes: evaluation needs {NUM_CLASSES} "
+                              f"(background, liver, tumour), got {classes}")
+    if config.get("classes", list(CLASS_NAMES)) != list(CLASS_NAMES):
+        raise CheckpointError(f"{path}: invalid classes: evaluation needs {list(CLASS_NAMES)} "
+                              f"in that order, got {config['classes']}")
+    problem = _augment_problem(config.get("train"))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
+def _augment_problem(train: object) -> str:
+    """'' when the training settings' flips (read by ``flips``) are absent or probabilities."""
+    if train is None:
+        return ""
+    if not isinstance(train, dict):
+        return "invalid train: must be an object"
+    augment = train.get("augment")
+    if augment is None:
+        return ""
+    if not isinstance(augment, dict):
+        return "invalid train.augment: must be an object"
+    return "; ".join(f"invalid train.augment.{key}: must be a number in 0..1, got {augment[key]!r:.40}"
+                     for key in FLIP_SETTINGS if key in augment and not _probability(augment[key]))
+
+
+def _probability(value: object) -> bool:
+    return type(value) in (int, float) and 0 <= value <= 1
 
 
 def _read_json(path: Path) -> Any:

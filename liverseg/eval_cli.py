@@ -22,7 +22,7 @@ from shardgen.settings import default_of
 
 # from the torch-free config module: importing inference pulls in torch, timm and smp
 # (about 6 s), which `--help` and a mistyped option should not wait for
-from .checkpoint import read_checkpoint_config
+from .checkpoint import read_evaluable_config
 from .config import CONVENTIONS, EVAL_REPORTERS, OUTPUT_FORMATS, TTA_CHOICES, EvalConfig, ScoreConfig
 from .vocabulary import TABLE_METRICS, UNITS
 
@@ -32,10 +32,11 @@ def default(name: str):
 
 
 def checked(config: EvalConfig) -> EvalConfig:
-    """``config`` once every checkpoint folder is there with a valid config.json: a missing
-    or mistyped checkpoint is reported at once, before torch and smp load (seconds)."""
+    """``config`` once every checkpoint folder is there with a config.json that evaluation
+    can use: a missing, mistyped or unusable checkpoint is reported at once, before torch
+    and smp load (seconds)."""
     for path in config.checkpoints:
-        read_checkpoint_config(Path(path))
+        read_evaluable_config(Path(path))
     return config
 
 

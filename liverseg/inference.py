@@ -27,7 +27,7 @@ from shardgen.preprocess import Preprocessing, SliceGeometry, preprocess_image, 
 from .config import TTA_CHOICES
 from .errors import CheckpointError, ConfigError
 from .postprocess import PROBABILITY_MAX
-from .checkpoint import CONFIG_FILE, ModelSpec, load_checkpoint, read_checkpoint_config
+from .checkpoint import FLIP_SETTINGS, load_checkpoint, read_evaluable_config
 from .runtime import autocast_dtype
 
 ENSEMBLE = "ensemble"
@@ -66,7 +66,7 @@ def load_members(paths: list[str | Path], device: torch.device, channels_last: b
         raise ConfigError("no checkpoint given (--checkpoint PATH, repeatable)")
     members: list[Member] = []
     for path in map(Path, paths):
-        check_evaluable(path / CONFIG_FILE, read_checkpoint_config(path))
+        read_evaluable_config(path)
         model, config = load_checkpoint(path, map_location=device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -79,44 +79,6 @@ def load_members(paths: list[str | Path], device: torch.device, channels_last: b
                 f"{other.path}: preprocessing {other.preprocessing.to_dict()} differs from "
                 f"{first.path}'s {first.preprocessing.to_dict()}; such checkpoints cannot be ensembled")
     return members
-
-
-def check_evaluable(path: Path, config: dict) -> None:
-    """CheckpointError naming ``path`` and the field unless a checkpoint config (already
-    checked by ``read_checkpoint_config``) is one evaluation can use: recorded
-    preprocessing, labels 0 background, 1 liver, 2 tumour (what the scores read and the
-    ensemble averages), and flip settings that are probabilities."""
-    if "preprocessing" not in config:
-        raise CheckpointError(f"{path}: no recorded preprocessing")
-    classes = ModelSpec.from_dict(config["model"]).classes
-    if classes != NUM_CLASSES:
-        raise CheckpointError(f"{path}: invalid model.classes: evaluation needs {NUM_CLASSES} "
-                              f"(background, liver, tumour), got {classes}")
-    if config.get("classes", list(CLASS_NAMES)) != list(CLASS_NAMES):
-        raise CheckpointError(f"{path}: invalid classes: evaluation needs {list(CLASS_NAMES)} "
-                              f"in that order, got {config['classes']}")
-    problem = _augment_problem(config.get("train"))
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
-
-
-def _augment_problem(train: object) -> str:
-    """'' when the training settings' flips (read by ``flips``) are absent or probabilities."""
-    if train is None:
-        return ""
-    if not isinstance(train, dict):
-        return "invalid train: must be an object"
-    augment = train.get("augment")
-    if augment is None:
-        return ""
-    if not isinstance(augment, dict):
-        return "invalid train.augment: must be an object"
-    return "; ".join(f"invalid train.augment.{key}: must be a number in 0..1, got {augment[key]!r:.40}"
-                     for key, _ in FLIP_DIMS if key in augment and not _probability(augment[key]))
-
-
-def _probability(value: object) -> bool:
-    return type(value) in (int, float) and 0 <= value <= 1
 
 
 def preprocess_torch(hu: torch.Tensor, preprocessing: Preprocessing, pixel_mm: tuple[float, float]
@@ -146,7 +108,7 @@ def preprocess_torch(hu: torch.Tensor, preprocessing: Preprocessing, pixel_mm: t
     return out
 
 
-FLIP_DIMS = (("flip_lr", (3,)), ("flip_ud", (2,)))  # augmentation setting → axis of a (B, C, H, W) batch
+FLIP_DIMS = tuple(zip(FLIP_SETTINGS, ((3,), (2,))))  # augmentation setting → axis of a (B, C, H, W) batch
 
 
 def trained_augment(member: Member) -> dict | None:

@@ -105,14 +105,24 @@ def test_the_clis_show_the_configs_defaults():
     assert f"[default: {default_of(EvalConfig, 'batch_size')}]" in line, line
 
 
-def test_a_missing_checkpoint_is_reported_before_torch_loads(tmp_path):
+@pytest.mark.parametrize("problem", ["missing", "two classes"])
+def test_a_checkpoint_evaluation_cannot_use_is_reported_before_torch_loads(tmp_path, problem):
+    import json
     import subprocess
     import sys
 
+    folder = tmp_path / "nowhere"
+    if problem == "two classes":  # a valid checkpoint config, but evaluation scores three classes
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model": {"arch": "unet", "encoder": "resnet18",
+                                                                   "in_channels": 3, "classes": 2},
+                                                         "preprocessing": {"context": 1}}))
     code = ("import sys\nfrom liverseg.eval_cli import main\n"
-            f"try:\n    main(['run', '--checkpoint', {str(tmp_path / 'nowhere')!r}, '--data', {str(tmp_path)!r},"
+            f"try:\n    main(['run', '--checkpoint', {str(folder)!r}, '--data', {str(tmp_path)!r},"
             f" '--out', {str(tmp_path / 'eval')!r}])\nexcept SystemExit as exit:\n    print('EXIT', exit.code)\n"
             "print('TORCH', 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "EXIT 1" in done.stdout and "TORCH False" in done.stdout, done.stdout + done.stderr
-    assert f"{tmp_path / 'nowhere'}: checkpoint folder not found" in done.stderr
+    expected = {"missing": f"{folder}: checkpoint folder not found",
+                "two classes": f"{folder / 'config.json'}: invalid model.classes: evaluation needs 3"}[problem]
+    assert expected in done.stderr, done.stderr
