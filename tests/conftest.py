@@ -80,6 +80,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    their 64 px batches and small convolutions are too small to split, and two threads on a
+    shared 2-core machine spend more time waiting for each other than computing. (Under
+    pytest-xdist each worker already has its share of the cores.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """The folder ``name``, made by ``build(folder)`` once per test run: under pytest-xdist
     the first worker to ask builds it while any other waits, and every worker reads the

@@ -17,13 +17,7 @@ OFF = dict(flip_lr=0.0, flip_ud=0.0, rotate_deg=0.0, scale=(1.0, 1.0), intensity
            intensity_scale=(1.0, 1.0), noise_std=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 64 px batches are too small to split across threads on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def only(**changes) -> AugmentConfig:

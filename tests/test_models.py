@@ -27,14 +27,7 @@ SMALL = "tu-mobilenetv3_small_050"
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these convolutions are too small to split; two threads on a shared 2-core machine
-    # spend more time waiting for each other than computing
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(in_channels: int, seed: int = 0) -> torch.Tensor:
