@@ -144,10 +144,9 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
     result.seconds["write"] = time.perf_counter() - tick
     if truth is not None:
         tick = time.perf_counter()
-        result.scores = {name: lits.score_case(labels, truth, spacing) for name, labels in variants.items()}
+        result.scores = score_once(variants, lambda labels: lits.score_case(labels, truth, spacing))
         if config.convention == "lits":
-            result.official = {name: lits_official.score_case(labels, truth, spacing)
-                               for name, labels in variants.items()}
+            result.official = score_once(variants, lambda labels: lits_official.score_case(labels, truth, spacing))
         result.seconds["metrics"] = time.perf_counter() - tick
         tick = time.perf_counter()
         result.oracle_dice = oracle.case_oracle_dice(truth, image, spacing)  # the image loaded above
@@ -157,6 +156,16 @@ def evaluate_case(source: CaseSource, members: list[Member], postprocess: Postpr
                 image, truth, final, members[0].preprocessing.window)
     result.seconds["total"] = time.perf_counter() - start
     return result
+
+
+def score_once(variants: dict[str, np.ndarray], score: Callable[[np.ndarray], dict]) -> dict[str, dict]:
+    """``score`` of each variant's labels, computed once per distinct array: with one
+    checkpoint the ensemble's labels are that checkpoint's (the same array)."""
+    scores: dict[str, dict] = {}
+    for name, labels in variants.items():
+        same = next((other for other in scores if variants[other] is labels), None)
+        scores[name] = scores[same] if same is not None else score(labels)
+    return scores
 
 
 def variant_seconds(result: CaseResult, variant: str, members: list[Member]) -> float:

@@ -119,6 +119,25 @@ def test_run_reports_the_lesion_scorecard_of_every_variant(shards, checkpoints, 
         "found any overlap 10-20 mm", "found any overlap >=20 mm", "lesion precision IoU>0.5"]
 
 
+def test_one_checkpoint_scores_its_ensemble_without_scoring_it_again(shards, checkpoints, tmp_path, monkeypatch):
+    from liverseg import evaluate
+
+    scored, score_case = [], lits.score_case
+
+    def counted(labels, truth, spacing):
+        scored.append(labels)
+        return score_case(labels, truth, spacing)
+
+    monkeypatch.setattr(evaluate.lits, "score_case", counted)
+    out = tmp_path / "eval"
+    result = run_evaluation(EvalConfig(checkpoints=(checkpoints[0],), data=str(shards), out=str(out), report=False))
+    assert result.cases >= 2 and result.failed == []
+    assert len(scored) == 2 * result.cases  # the checkpoint's (= the ensemble's) labels and the postprocessed ones
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["variants"]) == ["unet", "ensemble", POSTPROCESSED]
+    assert summary["variants"]["ensemble"] == summary["variants"]["unet"]
+
+
 def test_bad_cases_are_reported_and_the_others_still_evaluated(checkpoints, tmp_path):
     data = tmp_path / "lits"
     for i in (1, 2):
