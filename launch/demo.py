@@ -242,10 +242,10 @@ def last_step(run: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
-def up_to_date(result: Path, config, checkpoints: list[Path], inputs: tuple[Path, ...] = ()) -> bool:
-    """``result`` (tuning.json, summary.json) was written by this liverseg version with
-    exactly ``config``, after the checkpoints' weights and ``inputs`` were last written: a
-    rerun can show it again instead of computing it again."""
+def reusable(result: Path, config, checkpoints: list[Path], inputs: tuple[Path, ...] = ()) -> dict | None:
+    """What ``result`` (tuning.json, summary.json) holds, if it was written by this liverseg
+    version with exactly ``config`` after the checkpoints' weights and ``inputs`` were last
+    written: a rerun can show it again instead of computing it again. None otherwise."""
     from liverseg import __version__
 
     try:
@@ -254,34 +254,32 @@ def up_to_date(result: Path, config, checkpoints: list[Path], inputs: tuple[Path
         newest = max([(Path(c) / "model.safetensors").stat().st_mtime for c in checkpoints]
                      + [Path(i).stat().st_mtime for i in inputs])
     except (OSError, ValueError):
-        return False
-    return (isinstance(saved, dict) and saved.get("liverseg_version") == __version__ and written > newest
-            and saved.get("config") == json.loads(json.dumps(config.to_dict())))
+        return None
+    if (isinstance(saved, dict) and saved.get("liverseg_version") == __version__ and written > newest
+            and saved.get("config") == json.loads(json.dumps(config.to_dict()))):
+        return saved
+    return None
 
 
 def tune(checkpoints: list[Path], shards: Path, out: Path, device: str | None) -> Path:
     """The lesion filters of the postprocessing, chosen on the validation cases."""
     from liverseg.config import EvalConfig
-    from liverseg.tune import tune_postprocess
+    from liverseg.tune import saved_result, tune_postprocess
 
     config = EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out), split="val",
                         batch_size=32, device=device)
-    if up_to_date(out / "tuning.json", config, checkpoints) and (out / "postprocess.json").exists():
-        saved = json.loads((out / "tuning.json").read_text())
+    saved = reusable(out / "tuning.json", config, checkpoints)
+    if saved is not None and (out / "postprocess.json").exists():
         click.echo(f"    reusing {out}")
-        chosen = (saved["chosen_min_volume_mm3"], saved["chosen_min_mean_probability"])
-        mean_dice = {(float(v), float(p)): dice for v, row in saved["mean_tumour_dice"].items()
-                     for p, dice in row.items()}
-        path = out / "postprocess.json"
+        result = saved_result(saved, out)
     else:
         result = tune_postprocess(config)
-        chosen, mean_dice = (result.min_volume_mm3, result.min_mean_probability), result.mean_dice
-        path = result.postprocess
+    chosen, mean_dice = (result.min_volume_mm3, result.min_mean_probability), result.mean_dice
     least = min(mean_dice)  # the least filtering of all candidates, to compare with
     click.echo(f"    tumour components under {chosen[0]:g} mm³ or of mean tumour probability under {chosen[1]:g} "
                f"removed (mean validation tumour Dice {mean_dice[chosen]:.3f}; "
                f"{mean_dice[least]:.3f} with {least[0]:g} mm³ and {least[1]:g})")
-    return path
+    return result.postprocess
 
 
 def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | None, postprocess: Path):
@@ -290,9 +288,9 @@ def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | Non
 
     config = EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
                         split="test", batch_size=32, device=device, postprocess=str(postprocess))
-    if up_to_date(out / "summary.json", config, checkpoints, (postprocess,)) and (out / "report.html").exists():
+    summary = reusable(out / "summary.json", config, checkpoints, (postprocess,))
+    if summary is not None and (out / "report.html").exists():
         click.echo(f"    reusing {out}")
-        summary = json.loads((out / "summary.json").read_text())
         return EvalResult(out, summary["cases"], summary["failed"], summary, out / "report.html")
     return run_evaluation(config)
 

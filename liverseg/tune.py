@@ -138,3 +138,10 @@ def by_volume(values: dict[Filters, float]) -> dict[str, dict[str, float]]:
     for (volume, probability), value in values.items():
         out.setdefault(f"{volume:g}", {})[f"{probability:g}"] = value
     return out
+
+
+def saved_result(saved: dict, out: Path) -> TuneResult:
+    """The result that OUT/tuning.json (``saved``, as read) records, as `tune_postprocess` returned it."""
+    means = {(float(v), float(t)): dice for v, row in saved["mean_tumour_dice"].items() for t, dice in row.items()}
+    return TuneResult(Path(out) / "postprocess.json", saved["chosen_min_volume_mm3"],
+                      saved["chosen_min_mean_probability"], means, len(saved["cases"]), saved["failed"])

@@ -68,18 +68,20 @@ def test_a_result_is_reused_only_if_written_after_its_inputs_with_the_same_setti
     result.write_text(json.dumps({"config": config.to_dict(), "liverseg_version": __version__}))
     os.utime(checkpoint / "model.safetensors", (1000, 1000))
     os.utime(postprocess, (1000, 1000))
-    assert demo.up_to_date(result, config, [checkpoint], (postprocess,))
-    assert not demo.up_to_date(result, dataclasses.replace(config, batch_size=1), [checkpoint])  # other settings
+    held = json.loads(result.read_text())
+    assert demo.reusable(result, config, [checkpoint], (postprocess,)) == held
+    assert demo.reusable(result, dataclasses.replace(config, batch_size=1), [checkpoint]) is None  # other settings
     os.utime(postprocess)  # an input written after the result
-    assert demo.up_to_date(result, config, [checkpoint]) and not demo.up_to_date(result, config, [checkpoint], (postprocess,))
+    assert demo.reusable(result, config, [checkpoint]) == held
+    assert demo.reusable(result, config, [checkpoint], (postprocess,)) is None
     os.utime(checkpoint / "model.safetensors")  # a model trained again
-    assert not demo.up_to_date(result, config, [checkpoint])
+    assert demo.reusable(result, config, [checkpoint]) is None
     os.utime(checkpoint / "model.safetensors", (1000, 1000))
     result.write_text(json.dumps({"config": config.to_dict(), "liverseg_version": "0.0.1"}))
-    assert not demo.up_to_date(result, config, [checkpoint])  # another liverseg
+    assert demo.reusable(result, config, [checkpoint]) is None  # another liverseg
     result.write_text("{not json")
-    assert not demo.up_to_date(result, config, [checkpoint])
-    assert not demo.up_to_date(tmp_path / "missing.json", config, [checkpoint])
+    assert demo.reusable(result, config, [checkpoint]) is None
+    assert demo.reusable(tmp_path / "missing.json", config, [checkpoint]) is None
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path):

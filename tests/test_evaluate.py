@@ -22,7 +22,7 @@ from liverseg.errors import ConfigError
 from liverseg.eval_cli import main as eval_main
 from liverseg.config import EvalConfig
 from liverseg.evaluate import POSTPROCESSED, CaseResult, choose_panels, find_cases, pick_panels, run_evaluation
-from liverseg.tune import candidate_dice, choose_filters, tumour_dice, tune_postprocess
+from liverseg.tune import candidate_dice, choose_filters, saved_result, tumour_dice, tune_postprocess
 from liverseg.inference import load_members, predict_volume
 from liverseg.postprocess import (MIN_LESION_CANDIDATES_MM3, MIN_PROBABILITY_CANDIDATES, Postprocess,
                                   RemoveSmallLesions, RemoveUnsureLesions, default_postprocess, with_lesion_filters)
@@ -304,6 +304,10 @@ def test_tune_measures_each_pair_of_filters_on_the_validation_cases_and_run_uses
             assert report["cases"][source.case][f"{v:g}"][f"{t:g}"] == pytest.approx(expected)
     means = {(v, t): np.mean([report["cases"][c][f"{v:g}"][f"{t:g}"] for c in val_cases]) for v, t in pairs}
     chosen_pair = (report["chosen_min_volume_mm3"], report["chosen_min_mean_probability"])
+    # tuning.json read back (a rerun of the demo shows it): the result tune returned
+    again = saved_result(report, tuned)
+    assert again.mean_dice == pytest.approx(means) and again.postprocess == tuned / "postprocess.json"
+    assert (again.min_volume_mm3, again.min_mean_probability) == chosen_pair and again.cases == len(val_cases)
     assert chosen_pair == choose_filters(means)
     chosen = Postprocess.from_json(tuned / "postprocess.json")
     assert chosen == chains[chosen_pair] and done.output.count("*") == 2  # the legend's and the chosen cell's
