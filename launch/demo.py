@@ -18,8 +18,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -242,10 +244,12 @@ def last_step(run: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
-def reusable(result: Path, config, checkpoints: list[Path], inputs: tuple[Path, ...] = ()) -> dict | None:
-    """What ``result`` (tuning.json, summary.json) holds, if it was written by this liverseg
-    version with exactly ``config`` after the checkpoints' weights and ``inputs`` were last
-    written: a rerun can show it again instead of computing it again. None otherwise."""
+def reusable(result: Path, config, checkpoints: list[Path], inputs: tuple[Path, ...] = (),
+             read: Callable[[dict], Any] = lambda saved: saved) -> Any:
+    """``read`` of what ``result`` (tuning.json, summary.json) holds, if it was written by
+    this liverseg version with exactly ``config`` after the checkpoints' weights and
+    ``inputs`` were last written: a rerun can show it again instead of computing it again.
+    None otherwise, also when the file cannot be read back (``read`` fails)."""
     from liverseg import __version__
 
     try:
@@ -253,11 +257,11 @@ def reusable(result: Path, config, checkpoints: list[Path], inputs: tuple[Path, 
         written = result.stat().st_mtime
         newest = max([(Path(c) / "model.safetensors").stat().st_mtime for c in checkpoints]
                      + [Path(i).stat().st_mtime for i in inputs])
-    except (OSError, ValueError):
-        return None
-    if (isinstance(saved, dict) and saved.get("liverseg_version") == __version__ and written > newest
-            and saved.get("config") == json.loads(json.dumps(config.to_dict()))):
-        return saved
+        if (isinstance(saved, dict) and saved.get("liverseg_version") == __version__ and written > newest
+                and saved.get("config") == json.loads(json.dumps(config.to_dict()))):
+            return read(saved)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
     return None
 
 
@@ -268,10 +272,9 @@ def tune(checkpoints: list[Path], shards: Path, out: Path, device: str | None) -
 
     config = EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out), split="val",
                         batch_size=32, device=device)
-    saved = reusable(out / "tuning.json", config, checkpoints)
-    if saved is not None and (out / "postprocess.json").exists():
+    result = reusable(out / "tuning.json", config, checkpoints, read=lambda saved: saved_result(saved, out))
+    if result is not None and result.postprocess.exists():
         click.echo(f"    reusing {out}")
-        result = saved_result(saved, out)
     else:
         result = tune_postprocess(config)
     chosen, mean_dice = (result.min_volume_mm3, result.min_mean_probability), result.mean_dice
@@ -288,10 +291,12 @@ def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | Non
 
     config = EvalConfig(checkpoints=tuple(map(str, checkpoints)), data=str(shards), out=str(out),
                         split="test", batch_size=32, device=device, postprocess=str(postprocess))
-    summary = reusable(out / "summary.json", config, checkpoints, (postprocess,))
-    if summary is not None and (out / "report.html").exists():
+    shown = reusable(out / "summary.json", config, checkpoints, (postprocess,),
+                     read=lambda summary: EvalResult(out, summary["cases"], summary["failed"], summary,
+                                                     out / "report.html"))
+    if shown is not None and shown.report.exists():
         click.echo(f"    reusing {out}")
-        return EvalResult(out, summary["cases"], summary["failed"], summary, out / "report.html")
+        return shown
     return run_evaluation(config)
 
 

@@ -81,6 +81,9 @@ def test_a_result_is_reused_only_if_written_after_its_inputs_with_the_same_setti
     assert demo.reusable(result, config, [checkpoint]) is None  # another liverseg
     result.write_text("{not json")
     assert demo.reusable(result, config, [checkpoint]) is None
+    # a file with the right settings that cannot be read back (a key missing) is computed again
+    result.write_text(json.dumps({"config": config.to_dict(), "liverseg_version": __version__}))
+    assert demo.reusable(result, config, [checkpoint], read=lambda saved: saved["cases"]) is None
     assert demo.reusable(tmp_path / "missing.json", config, [checkpoint]) is None
 
 
