@@ -66,12 +66,14 @@ def phantom_inputs(work: Path, cases: int, slices: int, size: int) -> tuple[Path
     return gz, raw
 
 
-def benchmark_shards(work: Path, context: int, cases: int = 2, slices: int = 300, size: int = 512) -> Path:
-    """Shards of the phantom cases at their own size, all in the training split (built
-    once, cached in ``work``)."""
+def benchmark_shards(work: Path, context: int, cases: int = 2, slices: int = 300, size: int = 512,
+                     fractions: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> Path:
+    """Shards of the phantom cases at their own size, split by ``fractions`` (train, val,
+    test; all training by default), built once and cached in ``work``."""
     gz, _ = phantom_inputs(work, cases, slices, size)
-    out = work / f"shards-{cases}-{slices}-{size}-context-{context}"
+    split = "" if fractions == (1.0, 0.0, 0.0) else "-" + "-".join(f"{f:g}" for f in fractions)
+    out = work / f"shards-{cases}-{slices}-{size}-context-{context}{split}"
     if not (out / "manifest.json").exists():
         build_shards(BuildConfig(inputs=(gz,), out=out, preprocessing=Preprocessing(size=size, context=context),
-                                 fractions=(1.0, 0.0, 0.0)))
+                                 fractions=fractions))
     return out

@@ -1,16 +1,22 @@
 """Training: throughput on a GPU, seconds per step on a CPU, batch augmentation with
-windows (docs/PERFORMANCE.md).
+windows, the start-up and exit of a fresh training process (docs/PERFORMANCE.md).
 
     python -m benchmarks.train gpu [--batch-size 32] [--workers 8]
     python -m benchmarks.train gpu --device cpu --encoder resnet18 --batch-size 2 --steps 1 --warmup 1 --workers 1
     python -m benchmarks.train cpu-step --encoder resnet18 --encoder tu-regnetx_002
     python -m benchmarks.train cpu-step --encoder tu-regnetx_002 --arch unet --compile
     python -m benchmarks.train augment                  # 256->128, 512->256, 512->384 windows
+    python -m benchmarks.train startup                  # a fresh process's import, run and exit
 """
 
 from __future__ import annotations
 
+import math
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -189,6 +195,79 @@ def augment(cases: tuple[str, ...], repeat: int, threads: int, device: str) -> N
         cut_after = run(lambda: random_crop(crop, *whole(image, mask, generator), generator))
         print(f"{size}² slices → {crop}² windows, batch {batch}: whole slice warped then cut {cut_after:6.1f} ms, "
               f"window warped {windowed:6.1f} ms ({cut_after / windowed:.1f}x)", flush=True)
+
+# Run as `python -c`: CPU seconds of the import on stderr, then the time the interpreter
+# begins to exit (atexit runs its handlers last-registered first, so this one runs last).
+IMPORT_ONLY = """import atexit, sys, time
+atexit.register(lambda: print(time.time(), file=sys.stderr))
+start = time.process_time()
+{imports}
+print(time.process_time() - start, file=sys.stderr)
+"""
+IMPORTS = {
+    "plain import": "import {module}",
+    "heavy_imports()": "from shardgen.clihelp import heavy_imports\nwith heavy_imports():\n    import {module}",
+}
+
+
+def child_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str, float]:
+    """Wall seconds, CPU seconds (the child's, with its own children), its stderr and the
+    time it ended, of ``python ARGV``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, check=True)
+    end = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return end - start, cpu, done.stderr, end
+
+
+@main.command()
+@click.option("--repeat", default=5, show_default=True, help="Runs of each (medians).")
+@click.option("--module", default="liverseg.train", show_default=True, help="What the bare processes import.")
+@click.option("--train-run/--no-train-run", default=True, show_default=True, help="Also time launch/train.py.")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Where the tiny shards are cached [default: a temp folder].")
+def startup(repeat: int, module: str, train_run: bool, work: Path | None) -> None:
+    """What a fresh process pays around the work, as every Accelerate rank does: (1) a bare
+    `import liverseg.train` (--module) and the interpreter's exit, plain and inside
+    shardgen.clihelp.heavy_imports (the collector paused, then frozen); (2) a whole 4-step
+    `launch/train.py` run on 64² shards of 5 cases (mobilenetv3_small_050, one thread, one
+    loader worker, validation and checkpoints at steps 2 and 4), as a rank of the tests
+    runs it, and its exit: from the "finished at step" line to the process's end."""
+    print(f"# startup, {date.today()}, {machine()}, medians of {repeat} runs")
+    for name, imports in IMPORTS.items():
+        code = IMPORT_ONLY.format(imports=imports.format(module=module))
+        runs = [child_run(["-c", code]) for _ in range(repeat)]
+        cpu_import = [float(r[2].split()[-2]) for r in runs]
+        exit_s = [r[3] - float(r[2].split()[-1]) for r in runs]
+        print(f"{name:<18} process {np.median([r[1] for r in runs]):5.2f} s CPU, import {np.median(cpu_import):5.2f} s CPU, "
+              f"exit {np.median(exit_s):4.2f} s", flush=True)
+    if not train_run:
+        return
+    shards = benchmark_shards(work_folder(work), context=1, cases=5, slices=16, size=64, fractions=(0.6, 0.4, 0.0))
+    out = Path(work_folder(work)) / "startup-run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    root = Path(__file__).resolve().parents[1]
+    walls, cpus, exits = [], [], []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        argv = [str(root / "launch" / "train.py"), "--shards", str(shards), "--out", str(out),
+                "--encoder", "tu-mobilenetv3_small_050", "--steps", "4", "--batch-size", "2", "--val-every", "2",
+                "--save-every", "2", "--workers", "1", "--seed", "5"]
+        with subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env) as proc:
+            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+            finished = next((time.time() for line in proc.stdout if "finished at step" in line), math.nan)
+            proc.stdout.read()
+        end, after = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode:
+            raise click.ClickException(f"launch/train.py failed (exit {proc.returncode})")
+        walls.append(end - start)
+        cpus.append((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime))
+        exits.append(end - finished)
+    print(f"{'launch/train.py':<18} process {np.median(cpus):5.2f} s CPU, wall {np.median(walls):5.2f} s, "
+          f"exit {np.median(exits):4.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors
+from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, heavy_imports
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,6 @@ def train_in_parallel(recipe: Recipe, archs: list[str], shards: Path, runs: Path
 
     from tqdm.auto import tqdm
 
-    import liverseg.train  # noqa: F401  (imported once here, before the processes fork)
-
     configs = {arch: train_config(recipe, arch, shards, runs / arch) for arch in archs}
     todo = {arch: c for arch, c in configs.items() if not finished(Path(c.out), c)}
     for arch in configs.keys() - todo.keys():
@@ -310,7 +308,11 @@ def evaluate(checkpoints: list[Path], shards: Path, out: Path, device: str | Non
 @friendly_errors
 def main(out: Path, cases: int | None, quick: bool, device: str, seed: int) -> None:
     """Phantoms → shards → U-Net + ResUNet → ensemble evaluation, end to end."""
-    import torch
+    with heavy_imports():  # every stage below uses them, a rerun too
+        import torch
+        import liverseg.evaluate  # noqa: F401
+        import liverseg.train  # noqa: F401  (before the CPU recipe forks its trainings)
+        import liverseg.tune  # noqa: F401
     from tqdm import std
 
     from liverseg.eval_cli import print_table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, verbose_option
+from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, heavy_imports, verbose_option
 from shardgen.labels import SCORED_CLASSES
 from shardgen.settings import default_of
 
@@ -96,7 +96,8 @@ def run(report_to: str, **options) -> None:
     the postprocessed ensemble. Writes predictions/, metrics.csv, summary.json and, unless
     --no-report, charts/, panels/ and report.html into --out."""
     config = checked(EvalConfig(**options, report_to=report_to, with_labels=True))
-    from .evaluate import run_evaluation
+    with heavy_imports():
+        from .evaluate import run_evaluation
 
     result = run_evaluation(config)
     if result.summary is not None:
@@ -115,7 +116,8 @@ def predict(**options) -> None:
     """Predict unlabelled cases (e.g. LiTS test-volume-N): writes predictions/ as uint8
     NIfTI (test-segmentation-N.nii) in each input's shape and affine."""
     config = checked(EvalConfig(**options, with_labels=False))
-    from .evaluate import run_evaluation
+    with heavy_imports():
+        from .evaluate import run_evaluation
 
     finish(run_evaluation(config))
 
@@ -131,7 +133,8 @@ def tune(**options) -> None:
     --postprocess chain is the one tuned. Tune on validation cases, never on the test cases
     you report."""
     config = checked(EvalConfig(**options, with_labels=True))
-    from .tune import tune_postprocess
+    with heavy_imports():
+        from .tune import tune_postprocess
 
     result = tune_postprocess(config)
     if result.is_main:

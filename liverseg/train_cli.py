@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, verbose_option
+from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, heavy_imports, verbose_option
 from shardgen.settings import default_of
 
 # torch-free: --help and a mistyped option must not wait for torch
@@ -60,7 +60,8 @@ def shown(name: str) -> str:
 def main(config_file, **flags) -> None:
     """Train U-Net / ResUNet models with Hugging Face Accelerate."""
     config = load_config(config_file, **flags)
-    from .train import train  # torch: only once the settings are known to be good
+    with heavy_imports():  # torch: only once the settings are known to be good
+        from .train import train
 
     result = train(config)
     # every rank reports, so a multi-process run shows that all ranks ended at the same step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import dataclasses
+import gc
 import json
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 from nibabel import orientations as ornt
 
+from shardgen.clihelp import heavy_imports
 from shardgen.orientation import CANONICAL_AXCODES, affine_for
 
 
@@ -78,6 +80,14 @@ def pytest_collection_modifyitems(config, items):
     """The slow tests first: with one worker per core (pytest-xdist) the long ones then
     run beside the many short ones, and no worker is left with a long one at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Test modules import torch, timm and smp: without the garbage collector's passes over
+    them while they load and during the tests (``heavy_imports``)."""
+    with heavy_imports():
+        return (yield)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +192,7 @@ _SERVER.set_forkserver_preload(PRELOAD)
 def _run_forked(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str,
                 address_space: int | None, peak: str, start_method: str) -> None:
     """The child: run ``python ARGV`` (``-c CODE ...``, ``-m MODULE ...`` or ``SCRIPT ...``)."""
+    gc.freeze()  # the server's modules, as heavy_imports leaves them in a process of the product
     # the fork server made its children's default start method its own: give back Python's,
     # or every data loader worker would start a fork server of its own (seconds each)
     multiprocessing.set_start_method(start_method, force=True)

@@ -103,6 +103,17 @@ def test_cpu_step_and_augmentation_benchmarks(process_settings):
                      rf"window warped +{NUMBER} ms", out)
 
 
+def test_startup_benchmark_times_both_imports_of_a_fresh_process():
+    # a light module: the model stack's import is what the benchmark measures, not what
+    # this test checks (fresh interpreters, ~10 s of CPU each); launch/train.py runs in
+    # test_multinode.py
+    out = run(train.main, ["startup", "--repeat", "1", "--module", "json", "--no-train-run"])
+    lines = out.splitlines()[1:]
+    assert [line[:18].strip() for line in lines] == ["plain import", "heavy_imports()"], out
+    for line in lines:
+        assert re.search(rf"process +{NUMBER} s CPU, import +{NUMBER} s CPU, exit +{NUMBER} s$", line), line
+
+
 def test_metrics_agree_with_the_reference(process_settings):
     out = run(evaluation.main, ["metrics", "--slices", "100", "--size", "128", "--spacing", "4", "3", "3",
                                 "--repeat", "1"])

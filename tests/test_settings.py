@@ -3,7 +3,9 @@ and the configs' defaults as the CLIs show them."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 from dataclasses import dataclass
 
 import click
@@ -12,7 +14,7 @@ from click.testing import CliRunner
 
 from liverseg.config import EvalConfig, TrainConfig
 from liverseg.errors import ConfigError, LiversegError
-from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, verbose_option
+from shardgen.clihelp import CONTEXT_SETTINGS, friendly_errors, heavy_imports, verbose_option
 from shardgen.errors import ShardgenError
 from shardgen.settings import default_of, from_dict
 
@@ -89,6 +91,27 @@ def test_verbose_sets_info_logging(monkeypatch):
     CliRunner().invoke(command, [])
     assert levels == [logging.INFO, logging.WARNING]
     assert "-h, --help" in CliRunner().invoke(command, ["-h"]).output
+
+
+def test_heavy_imports_pause_the_collector_and_freeze_only_what_a_new_import_made(tmp_path, monkeypatch):
+    (tmp_path / "freshly_imported_module.py").write_text("TABLE = [{'row': i} for i in range(1000)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "freshly_imported_module", raising=False)
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with heavy_imports():
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen  # nothing new: left as it was
+    with heavy_imports():
+        import freshly_imported_module
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen + 1000
+    gc.disable()  # a caller that paused the collector itself keeps it paused
+    try:
+        with heavy_imports():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_the_clis_show_the_configs_defaults():
