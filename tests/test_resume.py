@@ -20,7 +20,7 @@ from liverseg.config import TrainConfig
 from liverseg.errors import LiversegError
 from liverseg.train import complete_checkpoints, train
 
-from conftest import run_python
+from conftest import built_once, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 9
@@ -100,10 +100,14 @@ def lines(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("whole") / "run"
-    done = run_cli(flags(shards, out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    """The run never stopped, once per test run (the slow tests that use it run first, the
+    others later, often in the other xdist worker); tests that change it copy it first."""
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        done = run_cli(flags(shards, folder / "run"))
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "resume-uninterrupted", build) / "run"
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
