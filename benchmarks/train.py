@@ -210,16 +210,10 @@ IMPORTS = {
 }
 
 
-def child_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str, float]:
-    """Wall seconds, CPU seconds (the child's, with its own children), its stderr and the
-    time it ended, of ``python ARGV``."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.time()
-    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, check=True)
-    end = time.time()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return end - start, cpu, done.stderr, end
+def children_cpu() -> float:
+    """CPU seconds of this process's ended children so far (their own children included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @main.command()
@@ -238,11 +232,17 @@ def startup(repeat: int, module: str, train_run: bool, work: Path | None) -> Non
     print(f"# startup, {date.today()}, {machine()}, medians of {repeat} runs")
     for name, imports in IMPORTS.items():
         code = IMPORT_ONLY.format(imports=imports.format(module=module))
-        runs = [child_run(["-c", code]) for _ in range(repeat)]
-        cpu_import = [float(r[2].split()[-2]) for r in runs]
-        exit_s = [r[3] - float(r[2].split()[-1]) for r in runs]
-        print(f"{name:<18} process {np.median([r[1] for r in runs]):5.2f} s CPU, import {np.median(cpu_import):5.2f} s CPU, "
-              f"exit {np.median(exit_s):4.2f} s", flush=True)
+        cpus, import_cpus, exits = [], [], []
+        for _ in range(repeat):
+            before = children_cpu()
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            end = time.time()
+            cpus.append(children_cpu() - before)
+            import_cpu, exit_start = map(float, done.stderr.split()[-2:])
+            import_cpus.append(import_cpu)
+            exits.append(end - exit_start)
+        print(f"{name:<18} process {np.median(cpus):5.2f} s CPU, import {np.median(import_cpus):5.2f} s CPU, "
+              f"exit {np.median(exits):4.2f} s", flush=True)
     if not train_run:
         return
     shards = benchmark_shards(work_folder(work), context=1, cases=5, slices=16, size=64, fractions=(0.6, 0.4, 0.0))
@@ -255,16 +255,16 @@ def startup(repeat: int, module: str, train_run: bool, work: Path | None) -> Non
         argv = [str(root / "launch" / "train.py"), "--shards", str(shards), "--out", str(out),
                 "--encoder", "tu-mobilenetv3_small_050", "--steps", "4", "--batch-size", "2", "--val-every", "2",
                 "--save-every", "2", "--workers", "1", "--seed", "5"]
+        before, start = children_cpu(), time.time()
         with subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, env=env) as proc:
-            before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
             finished = next((time.time() for line in proc.stdout if "finished at step" in line), math.nan)
             proc.stdout.read()
-        end, after = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        end = time.time()
         if proc.returncode:
             raise click.ClickException(f"launch/train.py failed (exit {proc.returncode})")
         walls.append(end - start)
-        cpus.append((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime))
+        cpus.append(children_cpu() - before)
         exits.append(end - finished)
     print(f"{'launch/train.py':<18} process {np.median(cpus):5.2f} s CPU, wall {np.median(walls):5.2f} s, "
           f"exit {np.median(exits):4.2f} s", flush=True)
