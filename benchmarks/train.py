@@ -210,6 +210,13 @@ IMPORTS = {
 }
 
 
+def dotted(name: str) -> str:
+    """``name`` if it is a dotted module name: it is pasted into the code the processes run."""
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise click.BadParameter(f"{name!r} is not a dotted module name")
+    return name
+
+
 def children_cpu() -> float:
     """CPU seconds of this process's ended children so far (their own children included)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -218,7 +225,8 @@ def children_cpu() -> float:
 
 @main.command()
 @click.option("--repeat", default=5, show_default=True, help="Runs of each (medians).")
-@click.option("--module", default="liverseg.train", show_default=True, help="What the bare processes import.")
+@click.option("--module", default="liverseg.train", show_default=True, callback=lambda ctx, param, value: dotted(value),
+              help="What the bare processes import.")
 @click.option("--train-run/--no-train-run", default=True, show_default=True, help="Also time launch/train.py.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Where the tiny shards are cached [default: a temp folder].")

@@ -112,6 +112,9 @@ def test_startup_benchmark_times_both_imports_of_a_fresh_process():
     assert [line[:18].strip() for line in lines] == ["plain import", "heavy_imports()"], out
     for line in lines:
         assert re.search(rf"process +{NUMBER} s CPU, import +{NUMBER} s CPU, exit +{NUMBER} s$", line), line
+    # --module is pasted into code: anything but a dotted name is one line, nothing run
+    done = CliRunner().invoke(train.main, ["startup", "--module", "os; import this", "--no-train-run"])
+    assert done.exit_code == 2 and "is not a dotted module name" in done.output and "Zen" not in done.output
 
 
 def test_metrics_agree_with_the_reference(process_settings):
